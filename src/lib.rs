@@ -1,0 +1,7 @@
+//! mor: Mixture-of-Recursions language models (Bae et al., arXiv 2507.10524) on candle.
+//!
+//! Data flow: [`config`] -> [`model`] -> (trainer | engine).
+
+pub mod error;
+
+pub use error::{MorError, Result};
