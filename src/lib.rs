@@ -5,3 +5,10 @@
 pub mod error;
 
 pub use error::{MorError, Result};
+pub mod config;
+pub mod model;
+
+pub use config::ModelConfig;
+pub use model::MorModel;
+pub mod official;
+pub mod verify;

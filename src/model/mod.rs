@@ -1,0 +1,462 @@
+//! The MoR model: a Llama decoder whose middle layers are one shared block applied N_r times, with optional
+//! expert- or token-choice routing (paper §2) and recursive KV sharing (paper §2.2.2).
+//!
+//! Vanilla (no `recursion`), recursive (no `mor`) and MoR models are all this one type.
+
+pub mod capacity;
+pub mod expert_choice;
+pub mod layers;
+pub mod params;
+pub mod recursion;
+pub mod router;
+pub mod token_choice;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{Layout, ModelConfig};
+use crate::error::{MorError, Result};
+use expert_choice::{ExpertChoice, ExpertStep, RouteMode, RouterLosses};
+use layers::{log_softmax_last, DecoderLayer, KeyValue, RmsNorm, Rope};
+use params::{Init, ParamStore};
+use recursion::{run_block, BlockKv, Subset};
+use token_choice::{TokenChoice, TokenTrace};
+
+/// The routing component of a model.
+#[derive(Debug, Clone)]
+pub enum Routing {
+    /// Every token runs every layer (vanilla and recursive models).
+    None,
+    /// Expert-choice routing.
+    Expert(ExpertChoice),
+    /// Token-choice routing.
+    Token(TokenChoice),
+}
+
+/// The routing decisions of one forward.
+#[derive(Debug, Clone)]
+pub enum RoutingTrace {
+    /// No routing.
+    None,
+    /// Expert-choice steps, one per recursion.
+    Expert(Vec<ExpertStep>),
+    /// Token-choice decisions.
+    Token(TokenTrace),
+}
+
+/// Options of a forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    /// How expert-choice selects tokens (token-choice reads the training step from it too).
+    pub mode: RouteMode,
+    /// Record the hidden state at every module boundary.
+    pub hidden_states: bool,
+}
+
+impl ForwardOptions {
+    /// Training forward at optimizer step `step` (capacity / balancing warm-ups).
+    pub fn train(step: usize) -> Self {
+        ForwardOptions {
+            mode: RouteMode::TopK { step: Some(step) },
+            hidden_states: false,
+        }
+    }
+    /// Full-sequence evaluation with the paper's (non-causal) top-k.
+    pub fn eval() -> Self {
+        ForwardOptions {
+            mode: RouteMode::TopK { step: None },
+            hidden_states: false,
+        }
+    }
+    /// Full-sequence evaluation with the causal rule used by generation (spec §10.4).
+    pub fn causal() -> Self {
+        ForwardOptions {
+            mode: RouteMode::Causal,
+            hidden_states: false,
+        }
+    }
+}
+
+/// Outputs of a forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Logits [B, T, V].
+    pub logits: Tensor,
+    /// Routing decisions.
+    pub routing: RoutingTrace,
+    /// Auxiliary router losses (un-weighted).
+    pub router_losses: RouterLosses,
+    /// Hidden states at module boundaries (embeddings, after each unique/recursion module, final norm output), if
+    /// requested. Matches the official `output_hidden_states` of MoR models.
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// The terms of the training objective.
+#[derive(Debug, Clone)]
+pub struct LossBreakdown {
+    /// Summed next-token cross-entropy divided by `num_items` (the HF trainer's normalisation).
+    pub lm: Tensor,
+    /// The objective to differentiate: lm + weighted auxiliary terms (official `trainer_pt.py`).
+    pub total: Tensor,
+    /// Σ cross-entropy and the number of scored targets (for mean NLL).
+    pub ce_sum: Tensor,
+    /// Number of scored targets.
+    pub n_targets: usize,
+}
+
+/// A MoR / recursive / vanilla Llama model.
+#[derive(Debug, Clone)]
+pub struct MorModel {
+    cfg: ModelConfig,
+    layout: Layout,
+    embed: Tensor,
+    /// One entry per unrolled layer; shared layers are clones of the same weights.
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    routing: Routing,
+    params: ParamStore,
+}
+
+impl MorModel {
+    /// A freshly initialised model (spec §1.1: N(0, initializer_range), norms at 1), reproducible from `seed`.
+    pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let mut store = ParamStore::new(device, seed);
+        Self::build(cfg, &mut store).map(|m| m.with_params(store))
+    }
+
+    /// Build the model on parameters that are all present in `store`; any missing or unexpected tensor is an error
+    /// naming it.
+    pub fn from_params(cfg: &ModelConfig, mut store: ParamStore) -> Result<Self> {
+        cfg.validate()?;
+        let before: Vec<String> = store.iter().map(|(k, _)| k.clone()).collect();
+        let model = Self::build(cfg, &mut store)?;
+        let missing: Vec<&String> = store
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !before.contains(k))
+            .collect();
+        if !missing.is_empty() {
+            let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            return Err(MorError::Config(format!(
+                "missing tensors for {}: {}",
+                cfg.variant_name(),
+                names.join(", ")
+            )));
+        }
+        if let Some(extra) = before.iter().find(|k| !store.was_requested(k)) {
+            return Err(MorError::Config(format!(
+                "unexpected tensor {extra} for {}",
+                cfg.variant_name()
+            )));
+        }
+        Ok(model.with_params(store))
+    }
+
+    fn with_params(mut self, store: ParamStore) -> Self {
+        self.params = store;
+        self
+    }
+
+    fn build(cfg: &ModelConfig, store: &mut ParamStore) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let init = Init::Normal(cfg.initializer_range);
+        let embed = store.get_or_init("model.embed_tokens.weight", &[cfg.vocab_size, d], init)?;
+        let layout = cfg.layout();
+        let mut unique: HashMap<usize, DecoderLayer> = HashMap::new();
+        for &u in &layout.unique_layers() {
+            unique.insert(
+                u,
+                DecoderLayer::new(store, &format!("model.layers.{u}"), cfg)?,
+            );
+        }
+        let layers = layout.source.iter().map(|s| unique[s].clone()).collect();
+        let norm = RmsNorm::new(store, "model.norm.weight", d, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(store.get_or_init("lm_head.weight", &[cfg.vocab_size, d], init)?)
+        };
+        let routing = match (cfg.expert_choice(), cfg.token_choice()) {
+            (Some(ec), _) => Routing::Expert(ExpertChoice::new(store, cfg, ec)?),
+            (_, Some(tc)) => Routing::Token(TokenChoice::new(store, cfg, tc)?),
+            _ => Routing::None,
+        };
+        let rope = Rope::new(cfg, cfg.max_position_embeddings, store.device())?;
+        Ok(MorModel {
+            cfg: cfg.clone(),
+            layout,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            routing,
+            params: ParamStore::new(store.device(), 0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    /// The layer layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    /// The parameters (each shared weight once).
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+    /// The routing component.
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+    /// Device of the parameters.
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// The model's unrolled layers, in order.
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// RoPE tables.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Token embeddings of ids [B, T] → [B, T, d].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        Ok(self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Final norm and LM head: h [.., d] → logits [.., V].
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        layers::linear(&self.norm.forward(h)?, w)
+    }
+
+    /// The unrolled layer whose K/V recursion-depth layer `idx` reads under recursive KV sharing (spec §3,
+    /// `RecursiveDynamicCache`): layers of recursions ≥ 1 read the matching layer of recursion 0.
+    pub fn kv_source_layer(&self, idx: usize) -> usize {
+        let (p, bd) = (self.layout.prefix, self.layout.base_depth);
+        if self.cfg.kv_sharing.is_some()
+            && idx >= p + bd
+            && idx < p + bd * self.layout.num_recursion
+        {
+            p + (idx - p) % bd
+        } else {
+            idx
+        }
+    }
+
+    /// Run the model on ids [B, T] (u32 or i64). T must not exceed the context length.
+    pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 || t > self.rope.max_positions() {
+            return Err(MorError::Request(format!(
+                "sequence length {t} must be in 1..={}",
+                self.rope.max_positions()
+            )));
+        }
+        self.check_ids(ids)?;
+        let d = self.cfg.hidden_size;
+        let mut hidden = Vec::new();
+        let mut x = self.embed(ids)?.reshape((b * t, d))?;
+        let keep = |hidden: &mut Vec<Tensor>, x: &Tensor| -> Result<()> {
+            if opts.hidden_states {
+                hidden.push(x.reshape((b, t, d))?);
+            }
+            Ok(())
+        };
+        keep(&mut hidden, &x)?;
+        let full = Subset::full(b, t);
+        let sharing = self.cfg.kv_sharing.clone();
+        let mut kv_slots: HashMap<usize, KeyValue> = HashMap::new();
+
+        // Run unrolled layers `range` on the subset, with KV sharing when configured.
+        let mut run = |range: std::ops::Range<usize>,
+                       x: &Tensor,
+                       subset: &Subset,
+                       slots: &mut HashMap<usize, KeyValue>|
+         -> Result<Tensor> {
+            let layers: Vec<&DecoderLayer> = self.layers[range.clone()].iter().collect();
+            let src: Vec<usize> = range.clone().map(|i| self.kv_source_layer(i)).collect();
+            let reads = src.iter().zip(range.clone()).any(|(s, i)| *s != i);
+            let shared: Vec<KeyValue> = if reads {
+                src.iter().map(|s| slots[s].clone()).collect()
+            } else {
+                Vec::new()
+            };
+            let kv = match (&sharing, reads) {
+                (Some(k), true) if k.update_cache => BlockKv::SharedUpdate(&shared),
+                (_, true) => BlockKv::Shared(&shared),
+                _ => BlockKv::Own,
+            };
+            let (out, used) = run_block(&layers, x, subset, &self.rope, kv)?;
+            if sharing.is_some() {
+                for (i, kv) in range.zip(used) {
+                    let s = self.kv_source_layer(i);
+                    if s == i || sharing.as_ref().is_some_and(|k| k.update_cache) {
+                        slots.insert(s, kv);
+                    }
+                }
+            }
+            Ok(out)
+        };
+
+        let p = self.layout.prefix;
+        for i in 0..p {
+            x = run(i..i + 1, &x, &full, &mut kv_slots)?;
+            keep(&mut hidden, &x)?;
+        }
+        let (x_mid, routing, router_losses) = match &self.routing {
+            Routing::None => {
+                let mut x = x;
+                let mid = p..self.layout.suffix_layers().start;
+                for i in mid {
+                    x = run(i..i + 1, &x, &full, &mut kv_slots)?;
+                }
+                (x, RoutingTrace::None, RouterLosses::default())
+            }
+            Routing::Expert(ec) => {
+                let (x, steps, losses, per_recursion) =
+                    ec.forward(x, b, t, opts.mode, &mut |r, x, s| {
+                        run(self.layout.recursion_layers(r), x, s, &mut kv_slots)
+                    })?;
+                // The output of the last recursion is recorded below, like every other module output.
+                for h in per_recursion
+                    .iter()
+                    .take(per_recursion.len().saturating_sub(1))
+                {
+                    keep(&mut hidden, h)?;
+                }
+                (x, RoutingTrace::Expert(steps), losses)
+            }
+            Routing::Token(tc) => {
+                let step = match opts.mode {
+                    RouteMode::TopK { step } => step,
+                    RouteMode::Causal => None,
+                };
+                let (x, trace, losses) = tc.forward(x, b, t, step, &mut |r, x, s| {
+                    run(self.layout.recursion_layers(r), x, s, &mut kv_slots)
+                })?;
+                (x, RoutingTrace::Token(trace), losses)
+            }
+        };
+        let mut x = x_mid;
+        keep(&mut hidden, &x)?;
+        for i in self.layout.suffix_layers() {
+            x = run(i..i + 1, &x, &full, &mut kv_slots)?;
+            keep(&mut hidden, &x)?;
+        }
+        let x = x.reshape((b, t, d))?;
+        let normed = self.norm.forward(&x)?;
+        if opts.hidden_states {
+            // The official list ends with the final-norm output instead of the last layer's raw output.
+            hidden.pop();
+            hidden.push(normed.clone());
+        }
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = layers::linear(&normed, w)?;
+        Ok(ForwardOutput {
+            logits,
+            routing,
+            router_losses,
+            hidden_states: hidden,
+        })
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
+        let min = ids.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()?;
+        if min < 0.0 || max >= self.cfg.vocab_size as f64 {
+            return Err(MorError::Request(format!(
+                "token id {} is outside the vocabulary (size {})",
+                if min < 0.0 { min } else { max },
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The training objective for `out` on ids [B, T] (labels = ids, shifted inside as HF does). `num_items` is the
+    /// HF trainer's normaliser (B·T summed over gradient-accumulation micro-batches; fixtures README "LM loss").
+    pub fn loss(
+        &self,
+        out: &ForwardOutput,
+        ids: &Tensor,
+        num_items: usize,
+    ) -> Result<LossBreakdown> {
+        let (b, t) = ids.dims2()?;
+        let v = self.cfg.vocab_size;
+        let logits = out.logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+        let targets = ids
+            .narrow(1, 1, t - 1)?
+            .to_dtype(DType::U32)?
+            .reshape((b * (t - 1), 1))?;
+        let logp = log_softmax_last(&logits)?;
+        let ce_sum = logp.gather(&targets, D::Minus1)?.sum_all()?.neg()?;
+        let lm = (&ce_sum / num_items as f64)?;
+        let mut total = lm.clone();
+        let l = &out.router_losses;
+        let scale = (b * t) as f64 / num_items as f64;
+        match (&self.routing, self.cfg.mor.as_ref()) {
+            (Routing::Expert(_), Some(mor)) => {
+                let ec = self
+                    .cfg
+                    .expert_choice()
+                    .expect("expert routing has its config");
+                if let Some(s) = &l.sampling {
+                    total = (total + (s * (ec.coeff * scale))?)?;
+                }
+                if let Some(a) = &l.aux_router {
+                    // The aux router sees detached inputs, so this term trains only it (official: own backward).
+                    total = (total + (a * scale)?)?;
+                }
+                if let Some(z) = &l.z {
+                    total = (total + (z * (mor.z_coeff * scale))?)?;
+                }
+            }
+            (Routing::Token(_), Some(mor)) => {
+                let tc = self
+                    .cfg
+                    .token_choice()
+                    .expect("token routing has its config");
+                if let Some(bal) = &l.balancing {
+                    total = (total + (bal * (tc.coeff * scale))?)?;
+                }
+                if let Some(z) = &l.z {
+                    total = (total + (z * (mor.z_coeff * scale))?)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(LossBreakdown {
+            lm,
+            total,
+            ce_sum,
+            n_targets: b * (t - 1),
+        })
+    }
+
+    /// After an optimizer step: the loss-free balancing bias update (token-choice with `balancing: loss_free`).
+    pub fn update_balancing_bias(&self, counts: &[usize]) -> Result<()> {
+        if let Routing::Token(tc) = &self.routing {
+            if let Some(new) = tc.updated_bias(counts)? {
+                self.params.set(token_choice::BIAS_NAME, &new)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! Token-choice routing (paper §2.2.1, Eq. 2.2; official `token_choice_router.py`).
+//!
+//! A router reads H¹ (the output of the first unique layer) once and sends each token to one expert i, i.e. i+1
+//! recursions. Recursion r runs the tokens with i ≥ r; a continuing token feeds the un-gated block output forward
+//! (official code; Eq. 2.2 gates every step, spec §7.3 quirk 7) and a finishing token ends as H¹ + g·Block_r(…).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::config::{Balancing, Gating, ModelConfig, TokenChoiceConfig, TokenRouterFunc};
+use crate::error::Result;
+use crate::model::expert_choice::RouterLosses;
+use crate::model::layers::softmax_last;
+use crate::model::params::{Init, ParamStore};
+use crate::model::recursion::Subset;
+use crate::model::router::Router;
+
+/// Parameter name of the loss-free balancing bias (a buffer: updated by the trainer, never by gradients).
+pub const BIAS_NAME: &str = "model.router_bias";
+
+/// What the token-choice router decided for a batch.
+#[derive(Debug, Clone)]
+pub struct TokenTrace {
+    /// Raw router logits [B·T, N_r].
+    pub logits: Tensor,
+    /// α-scaled probabilities [B·T, N_r] (no bias).
+    pub probs: Tensor,
+    /// Chosen expert per token (0-based; expert i runs i+1 recursions), flat [B·T].
+    pub expert: Vec<u32>,
+    /// Gate (unbiased probability of the chosen expert) [B·T].
+    pub gate: Tensor,
+    /// Tokens per expert.
+    pub counts: Vec<usize>,
+}
+
+/// The token-choice router and its balancing state.
+#[derive(Debug, Clone)]
+pub struct TokenChoice {
+    router: Router,
+    /// Loss-free balancing bias (only with `balancing: loss_free`, as in the official checkpoints).
+    bias: Option<Tensor>,
+    cfg: TokenChoiceConfig,
+    n_r: usize,
+    temp: f64,
+    z_loss: bool,
+}
+
+impl TokenChoice {
+    /// Load or create the router (`model.router`) and the balancing bias (`model.router_bias`, zeros).
+    pub fn new(store: &mut ParamStore, cfg: &ModelConfig, tc: &TokenChoiceConfig) -> Result<Self> {
+        let n_r = cfg.num_recursion();
+        let mor = cfg.mor.as_ref();
+        Ok(TokenChoice {
+            router: Router::new(store, "model.router", cfg, n_r)?,
+            bias: match tc.balancing {
+                Balancing::LossFree => Some(store.get_or_init(BIAS_NAME, &[n_r], Init::Zeros)?),
+                _ => None,
+            },
+            cfg: tc.clone(),
+            n_r,
+            temp: mor.map_or(1.0, |m| m.temp),
+            z_loss: mor.is_some_and(|m| m.z_loss),
+        })
+    }
+
+    /// Route H¹ (`x`, [B·T, d] flat) through the recursions; `block(r, x, subset)` runs recursion r's layers.
+    /// `step` is the training step (for the balancing warm-up), `None` outside training.
+    pub fn forward(
+        &self,
+        x: Tensor,
+        b: usize,
+        t: usize,
+        step: Option<usize>,
+        block: &mut dyn FnMut(usize, &Tensor, &Subset) -> Result<Tensor>,
+    ) -> Result<(Tensor, TokenTrace, RouterLosses)> {
+        let dev = x.device().clone();
+        let logits = self.router.forward(&(&x / self.temp)?)?;
+        let probs = (match self.cfg.router_func {
+            TokenRouterFunc::Softmax => softmax_last(&logits)?,
+            TokenRouterFunc::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        } * self.cfg.alpha)?;
+        let warming = step.is_some_and(|s| s < self.cfg.bal_warmup_step);
+        let expert: Vec<u32> = if warming {
+            vec![self.n_r as u32 - 1; b * t]
+        } else {
+            let scores = match &self.bias {
+                Some(bias) => probs.broadcast_add(bias)?,
+                None => probs.clone(),
+            };
+            scores.argmax(D::Minus1)?.to_vec1()?
+        };
+        let expert_t = Tensor::from_vec(expert.clone(), (b * t, 1), &dev)?;
+        let gate = probs.gather(&expert_t, 1)?.squeeze(1)?;
+        let mut counts = vec![0usize; self.n_r];
+        for &e in &expert {
+            counts[e as usize] += 1;
+        }
+
+        let h1 = x.clone();
+        let mut cur = x;
+        let mut out = h1.clone();
+        let mut active = Subset::full(b, t);
+        for r in 0..self.n_r {
+            if active.count() == 0 {
+                break;
+            }
+            let y = block(r, &cur, &active)?;
+            let flat = active.flat();
+            let finishing: Vec<bool> = flat
+                .iter()
+                .map(|&f| expert[f as usize] as usize == r)
+                .collect();
+            let fin_local: Vec<u32> = (0..flat.len() as u32)
+                .filter(|&i| finishing[i as usize])
+                .collect();
+            if !fin_local.is_empty() {
+                let n = fin_local.len();
+                let fin_global: Vec<u32> = fin_local.iter().map(|&i| flat[i as usize]).collect();
+                let fin_global = Tensor::from_vec(fin_global, n, &dev)?;
+                let y_fin = y.index_select(&Tensor::from_vec(fin_local, n, &dev)?, 0)?;
+                let upd = match self.cfg.gating {
+                    Gating::Weighted => {
+                        y_fin.broadcast_mul(&gate.index_select(&fin_global, 0)?.unsqueeze(1)?)?
+                    }
+                    Gating::Additive => y_fin,
+                };
+                out = out.index_add(&fin_global, &upd, 0)?;
+            }
+            let continuing: Vec<bool> = finishing.iter().map(|f| !f).collect();
+            if r + 1 < self.n_r && continuing.iter().any(|&c| c) {
+                // Continuing tokens carry the un-gated block output: overwrite their rows of `cur`.
+                let idx = Tensor::from_vec(flat.clone(), flat.len(), &dev)?;
+                cur = cur.index_add(&idx, &(y - cur.index_select(&idx, 0)?)?, 0)?;
+            }
+            active = active.filter(&continuing);
+        }
+
+        let mut losses = RouterLosses::default();
+        let n_tok = (b * t) as f64;
+        if self.cfg.balancing == Balancing::Loss {
+            // L_bal = Σ_i f_i P_i, f_i = N_r/T Σ 1[t→i], P_i = mean prob (paper App. A.2, on α-scaled probs).
+            let p_mean = probs.mean(0)?;
+            let f: Vec<f32> = counts
+                .iter()
+                .map(|&c| (self.n_r as f64 * c as f64 / n_tok) as f32)
+                .collect();
+            let f = Tensor::from_vec(f, self.n_r, &dev)?;
+            losses.balancing = Some((p_mean * f)?.sum_all()?);
+        }
+        if self.z_loss {
+            let max = logits.max_keepdim(D::Minus1)?.detach();
+            let lse = (logits
+                .broadcast_sub(&max)?
+                .exp()?
+                .sum_keepdim(D::Minus1)?
+                .log()?
+                + &max)?;
+            losses.z = Some(lse.sqr()?.mean_all()?);
+        }
+        let trace = TokenTrace {
+            logits,
+            probs,
+            expert,
+            gate,
+            counts,
+        };
+        Ok((out, trace, losses))
+    }
+
+    /// Loss-free balancing update after an optimizer step (Wang et al. 2024; official trainer):
+    /// ratio_i = count_i / tokens, b_i += u·sign(mean(ratio) − ratio_i). Returns the new bias (`None` without
+    /// loss-free balancing).
+    pub fn updated_bias(&self, counts: &[usize]) -> Result<Option<Tensor>> {
+        let Some(bias) = &self.bias else {
+            return Ok(None);
+        };
+        let total: usize = counts.iter().sum::<usize>().max(1);
+        let ratio: Vec<f64> = counts.iter().map(|&c| c as f64 / total as f64).collect();
+        let mean = ratio.iter().sum::<f64>() / ratio.len() as f64;
+        let old: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+        let new: Vec<f32> = old
+            .iter()
+            .zip(&ratio)
+            .map(|(&b, &r)| {
+                let e = mean - r;
+                let s = if e > 0.0 {
+                    1.0
+                } else if e < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                // In f32, as torch updates the f32 buffer.
+                b + self.cfg.u as f32 * s as f32
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(new, self.n_r, bias.device())?))
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &TokenChoiceConfig {
+        &self.cfg
+    }
+}
