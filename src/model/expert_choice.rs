@@ -206,7 +206,8 @@ impl ExpertChoice {
                     .collect::<Vec<_>>(),
                 chosen.len(),
                 &dev,
-            )?;
+            )?
+            .to_dtype(logits.dtype())?;
             let n_cand = chosen.len() as f64;
             if matches!(mode, RouteMode::TopK { .. }) {
                 if self.cfg.sampling == Sampling::AuxLoss {

@@ -67,7 +67,7 @@ pub struct Rope {
 
 impl Rope {
     /// Precompute tables for `max_pos` positions.
-    pub fn new(cfg: &ModelConfig, max_pos: usize, device: &Device) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, max_pos: usize, device: &Device, dtype: DType) -> Result<Self> {
         let hd = cfg.head_dim();
         let half = hd / 2;
         let mut cos = Vec::with_capacity(max_pos * hd);
@@ -82,8 +82,8 @@ impl Rope {
             }
         }
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_pos, hd), device)?,
-            sin: Tensor::from_vec(sin, (max_pos, hd), device)?,
+            cos: Tensor::from_vec(cos, (max_pos, hd), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_pos, hd), device)?.to_dtype(dtype)?,
         })
     }
 
@@ -291,6 +291,7 @@ pub fn position_mask(
     k_pos: &[Vec<u32>],
     k_valid: &[usize],
     device: &Device,
+    dtype: DType,
 ) -> Result<Tensor> {
     let b = q_pos.len();
     let nq = q_pos.first().map_or(0, |v| v.len());
@@ -308,5 +309,5 @@ pub fn position_mask(
             }
         }
     }
-    Ok(Tensor::from_vec(data, (b, 1, nq, nk), device)?.to_dtype(DType::F32)?)
+    Ok(Tensor::from_vec(data, (b, 1, nq, nk), device)?.to_dtype(dtype)?)
 }

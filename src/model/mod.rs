@@ -123,8 +123,12 @@ pub struct MorModel {
 impl MorModel {
     /// A freshly initialised model (spec §1.1: N(0, initializer_range), norms at 1), reproducible from `seed`.
     pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        Self::init(cfg, ParamStore::new(device, seed))
+    }
+
+    /// Initialise every parameter `store` does not hold yet (its dtype and seed decide the values).
+    pub fn init(cfg: &ModelConfig, mut store: ParamStore) -> Result<Self> {
         cfg.validate()?;
-        let mut store = ParamStore::new(device, seed);
         Self::build(cfg, &mut store).map(|m| m.with_params(store))
     }
 
@@ -185,7 +189,12 @@ impl MorModel {
             (_, Some(tc)) => Routing::Token(TokenChoice::new(store, cfg, tc)?),
             _ => Routing::None,
         };
-        let rope = Rope::new(cfg, cfg.max_position_embeddings, store.device())?;
+        let rope = Rope::new(
+            cfg,
+            cfg.max_position_embeddings,
+            store.device(),
+            store.dtype(),
+        )?;
         Ok(MorModel {
             cfg: cfg.clone(),
             layout,
@@ -195,7 +204,7 @@ impl MorModel {
             lm_head,
             rope,
             routing,
-            params: ParamStore::new(store.device(), 0),
+            params: ParamStore::with_dtype(store.device(), 0, store.dtype()),
         })
     }
 
@@ -285,10 +294,10 @@ impl MorModel {
         let mut kv_slots: HashMap<usize, KeyValue> = HashMap::new();
 
         // Run unrolled layers `range` on the subset, with KV sharing when configured.
-        let mut run = |range: std::ops::Range<usize>,
-                       x: &Tensor,
-                       subset: &Subset,
-                       slots: &mut HashMap<usize, KeyValue>|
+        let run = |range: std::ops::Range<usize>,
+                   x: &Tensor,
+                   subset: &Subset,
+                   slots: &mut HashMap<usize, KeyValue>|
          -> Result<Tensor> {
             let layers: Vec<&DecoderLayer> = self.layers[range.clone()].iter().collect();
             let src: Vec<usize> = range.clone().map(|i| self.kv_source_layer(i)).collect();

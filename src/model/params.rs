@@ -25,18 +25,30 @@ pub struct ParamStore {
     vars: BTreeMap<String, Var>,
     requested: BTreeSet<String>,
     device: Device,
+    dtype: DType,
     rng: rand::rngs::StdRng,
 }
 
 impl ParamStore {
-    /// An empty store whose random initialisation is reproducible from `seed`.
+    /// An empty f32 store whose random initialisation is reproducible from `seed`.
     pub fn new(device: &Device, seed: u64) -> Self {
+        Self::with_dtype(device, seed, DType::F32)
+    }
+
+    /// An empty store of the given float dtype (f64 for gradient checks).
+    pub fn with_dtype(device: &Device, seed: u64, dtype: DType) -> Self {
         ParamStore {
+            dtype,
             vars: BTreeMap::new(),
             requested: BTreeSet::new(),
             device: device.clone(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
+    }
+
+    /// The dtype of the parameters.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device parameters live on.
@@ -65,16 +77,16 @@ impl ParamStore {
                 .map(|_| (std * standard_normal(&mut self.rng)) as f32)
                 .collect(),
         };
-        let t = Tensor::from_vec(data, shape, &self.device)?;
+        let t = Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?;
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);
         Ok(out)
     }
 
-    /// Insert (or replace) a parameter from an existing tensor, converting to f32.
+    /// Insert (or replace) a parameter from an existing tensor, converting to the store's dtype.
     pub fn insert(&mut self, name: &str, t: &Tensor) -> Result<()> {
-        let t = t.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
         self.vars.insert(name.to_string(), Var::from_tensor(&t)?);
         Ok(())
     }
@@ -131,7 +143,7 @@ impl ParamStore {
                 value.dims()
             )));
         }
-        v.set(&value.to_dtype(DType::F32)?)?;
+        v.set(&value.to_dtype(v.dtype())?)?;
         Ok(())
     }
 }

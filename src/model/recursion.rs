@@ -5,7 +5,7 @@
 //! RoPE positions, and the rows of real tokens are returned in flat order. Padding sits after every real token, so a
 //! plain causal mask already keeps it invisible to real tokens.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::model::layers::{position_mask, DecoderLayer, KeyValue, KvSource, Rope};
@@ -112,11 +112,11 @@ pub enum BlockKv<'a> {
 }
 
 /// Additive causal mask [1, 1, n, n].
-pub fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
     let data: Vec<f32> = (0..n)
         .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Ok(Tensor::from_vec(data, (1, 1, n, n), device)?)
+    Ok(Tensor::from_vec(data, (1, 1, n, n), device)?.to_dtype(dtype)?)
 }
 
 /// Positions tensor [B, n] (u32).
@@ -168,14 +168,21 @@ pub fn run_block(
             .reshape((b, n, d))?
     };
     let (cos, sin) = rope.at(&positions_tensor(&pos, dev)?)?;
-    let self_mask = causal_mask(n, dev)?;
+    let self_mask = causal_mask(n, dev, x.dtype())?;
     let shared_mask = match kv {
         BlockKv::Own => None,
         BlockKv::Shared(_) | BlockKv::SharedUpdate(_) if full => None,
         _ => {
             let all: Vec<Vec<u32>> = vec![(0..subset.t as u32).collect(); b];
             let valid: Vec<usize> = subset.rows.iter().map(Vec::len).collect();
-            Some(position_mask(&pos, &valid, &all, &vec![subset.t; b], dev)?)
+            Some(position_mask(
+                &pos,
+                &valid,
+                &all,
+                &vec![subset.t; b],
+                dev,
+                x.dtype(),
+            )?)
         }
     };
     let mut kvs = Vec::with_capacity(layers.len());

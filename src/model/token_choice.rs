@@ -143,7 +143,7 @@ impl TokenChoice {
                 .iter()
                 .map(|&c| (self.n_r as f64 * c as f64 / n_tok) as f32)
                 .collect();
-            let f = Tensor::from_vec(f, self.n_r, &dev)?;
+            let f = Tensor::from_vec(f, self.n_r, &dev)?.to_dtype(probs.dtype())?;
             losses.balancing = Some((p_mean * f)?.sum_all()?);
         }
         if self.z_loss {
