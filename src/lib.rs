@@ -3,5 +3,6 @@
 //! Data flow: [`config`] -> [`model`] -> (trainer | engine).
 
 pub mod error;
+pub mod train;
 
 pub use error::{MorError, Result};
