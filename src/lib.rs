@@ -2,6 +2,7 @@
 //!
 //! Data flow: [`config`] -> [`model`] -> (trainer | engine).
 
+pub mod checkpoint;
 pub mod error;
 pub mod train;
 

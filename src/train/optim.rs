@@ -333,7 +333,7 @@ impl AdamW {
 /// applied only when `norm > max_norm`). Parameters without a gradient are ignored. A non-finite
 /// norm is returned as is and the gradients are left untouched so the caller can skip the step.
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[&Var], max_norm: f64) -> Result<f64> {
-    if !(max_norm > 0.0) {
+    if max_norm.is_nan() || max_norm <= 0.0 {
         return Err(MorError::Config(format!(
             "max grad norm must be > 0, got {max_norm}"
         )));
@@ -388,6 +388,8 @@ mod tests {
     }
 
     impl RefAdamW {
+        // Indexing mirrors the textbook formula, which is the point of a reference.
+        #[allow(clippy::needless_range_loop)]
         fn step(&mut self, g: &[f64], lr: f64, cfg: &AdamWConfig, decay: bool) {
             self.t += 1;
             let bc1 = 1.0 - cfg.beta1.powi(self.t);
