@@ -4,6 +4,8 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod metrics;
+pub mod plot;
 pub mod train;
 
 pub use error::{MorError, Result};
