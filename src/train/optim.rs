@@ -1,12 +1,16 @@
 //! AdamW with decoupled weight decay (torch.optim.AdamW semantics) and global-norm gradient clipping.
 //!
-//! The update is expressed as a handful of whole-tensor candle ops per parameter so it runs on any
-//! device and the moments stay as tensors (no host round trips except for the clipping norm).
+//! The moments are tensors. On CPU the update runs as three in-place fused passes per parameter
+//! (first moment, second moment, parameter), which measured ~20x faster than the equivalent chain
+//! of ~10 allocating candle ops; other devices use that op chain.
 
 use std::collections::{HashMap, HashSet};
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{
+    CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var, WithDType,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{MorError, Result};
@@ -107,6 +111,8 @@ pub struct AdamW {
     states: Vec<ParamState>,
     cfg: AdamWConfig,
     step: u64,
+    /// Use the in-place CPU kernels when applicable (off only in tests, to compare both paths).
+    fused: bool,
 }
 
 /// Suffixes of the state tensors of a parameter in [`AdamW::state_tensors`].
@@ -134,10 +140,10 @@ impl AdamW {
                     p.var.dtype()
                 )));
             }
-            let zeros = p.var.as_tensor().zeros_like()?;
+            // Two allocations: the moments are updated in place and must not share storage.
             states.push(ParamState {
-                exp_avg: zeros.clone(),
-                exp_avg_sq: zeros,
+                exp_avg: p.var.as_tensor().zeros_like()?,
+                exp_avg_sq: p.var.as_tensor().zeros_like()?,
                 step: 0,
             });
         }
@@ -146,6 +152,7 @@ impl AdamW {
             states,
             cfg,
             step: 0,
+            fused: true,
         })
     }
 
@@ -183,50 +190,79 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.cfg;
+        // Check every gradient before touching any parameter, so a bad store changes nothing.
+        for p in &self.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                if g.dims() != p.var.dims() {
+                    return Err(MorError::Config(format!(
+                        "gradient of {:?} has shape {:?}, parameter has {:?}",
+                        p.name,
+                        g.dims(),
+                        p.var.dims()
+                    )));
+                }
+            }
+        }
         for (p, st) in self.params.iter().zip(self.states.iter_mut()) {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            if g.dims() != p.var.dims() {
-                return Err(MorError::Config(format!(
-                    "gradient of {:?} has shape {:?}, parameter has {:?}",
-                    p.name,
-                    g.dims(),
-                    p.var.dims()
-                )));
-            }
             let g = if g.dtype() == p.var.dtype() {
                 g.clone()
             } else {
                 g.to_dtype(p.var.dtype())?
             };
             st.step += 1;
-            let t = st.step as i32;
+            // beta^t underflows to 0 long before t leaves i32.
+            let t = i32::try_from(st.step).unwrap_or(i32::MAX);
             let bc1 = 1.0 - beta1.powi(t);
             let bc2 = 1.0 - beta2.powi(t);
-
-            // m <- b1*m + (1-b1)*g ; v <- b2*v + (1-b2)*g^2
-            let m = ((&st.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&st.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            // denom = sqrt(v)/sqrt(bc2) + eps, folded into one affine.
-            let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), eps)?;
-            let step_size = lr / bc1;
-            let decay = if p.decay {
-                1.0 - lr * weight_decay
-            } else {
-                1.0
+            let update = ParamUpdate {
+                decay: if p.decay {
+                    1.0 - lr * weight_decay
+                } else {
+                    1.0
+                },
+                step_size: lr / bc1,
+                inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+                eps,
             };
-            // Decoupled decay first (p *= 1 - lr*wd), then the Adam step, in one expression.
-            let w = p.var.as_tensor().detach();
-            let scaled = if decay != 1.0 {
-                w.affine(decay, 0.0)?
+            let w = p.var.as_tensor();
+            if self.fused && matches!(w.device(), Device::Cpu) {
+                let g = g.contiguous()?;
+                st.exp_avg.inplace_op2(
+                    &g,
+                    &MomentUpdate {
+                        beta: beta1,
+                        square: false,
+                    },
+                )?;
+                st.exp_avg_sq.inplace_op2(
+                    &g,
+                    &MomentUpdate {
+                        beta: beta2,
+                        square: true,
+                    },
+                )?;
+                w.inplace_op3(&st.exp_avg, &st.exp_avg_sq, &update)?;
             } else {
-                w
-            };
-            let new_w = (scaled - (m.div(&denom)? * step_size)?)?;
-            p.var.set(&new_w)?;
-            st.exp_avg = m;
-            st.exp_avg_sq = v;
+                // m <- b1*m + (1-b1)*g ; v <- b2*v + (1-b2)*g^2
+                let m = ((&st.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
+                let v = ((&st.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                // denom = sqrt(v)/sqrt(bc2) + eps, folded into one affine.
+                let denom = v.sqrt()?.affine(update.inv_sqrt_bc2, eps)?;
+                // Decoupled decay first (p *= 1 - lr*wd), then the Adam step, in one expression.
+                let w = w.detach();
+                let scaled = if update.decay != 1.0 {
+                    w.affine(update.decay, 0.0)?
+                } else {
+                    w
+                };
+                let new_w = (scaled - (m.div(&denom)? * update.step_size)?)?;
+                p.var.set(&new_w)?;
+                st.exp_avg = m;
+                st.exp_avg_sq = v;
+            }
         }
         self.step += 1;
         Ok(())
@@ -234,12 +270,13 @@ impl AdamW {
 
     /// Optimizer state for checkpointing: `"{param}.exp_avg"`, `"{param}.exp_avg_sq"` (parameter
     /// dtype and shape) and `"{param}.step"` (f64 scalar, exact for any realistic step count).
+    /// The moments are copies, since the live ones are updated in place by later steps.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::with_capacity(self.params.len() * 3);
         for (p, st) in self.params.iter().zip(&self.states) {
-            out.insert(format!("{}.{EXP_AVG}", p.name), st.exp_avg.clone());
-            out.insert(format!("{}.{EXP_AVG_SQ}", p.name), st.exp_avg_sq.clone());
-            let step = Tensor::new(st.step as f64, &candle_core::Device::Cpu)?;
+            out.insert(format!("{}.{EXP_AVG}", p.name), st.exp_avg.copy()?);
+            out.insert(format!("{}.{EXP_AVG_SQ}", p.name), st.exp_avg_sq.copy()?);
+            let step = Tensor::new(st.step as f64, &Device::Cpu)?;
             out.insert(format!("{}.{STEP}", p.name), step);
         }
         Ok(out)
@@ -272,7 +309,8 @@ impl AdamW {
                         ));
                         Ok(None)
                     }
-                    Some(t) => Ok(Some(t.to_dtype(p.var.dtype())?.to_device(dev)?)),
+                    // Own copy: the moments are updated in place and must not alias the caller's.
+                    Some(t) => Ok(Some(t.to_dtype(p.var.dtype())?.to_device(dev)?.copy()?)),
                 }
             };
             let m = moment(EXP_AVG)?;
@@ -325,6 +363,136 @@ impl AdamW {
         self.states = new_states;
         self.step = step;
         Ok(())
+    }
+}
+
+/// `dst <- beta*dst + (1-beta)*x` with `x = g` or `g^2`: an Adam moment update, in place.
+struct MomentUpdate {
+    beta: f64,
+    square: bool,
+}
+
+/// `p <- p*decay - step_size * m / (sqrt(v)*inv_sqrt_bc2 + eps)`: decoupled decay plus the
+/// bias-corrected Adam step, in place.
+#[derive(Clone, Copy)]
+struct ParamUpdate {
+    decay: f64,
+    step_size: f64,
+    inv_sqrt_bc2: f64,
+    eps: f64,
+}
+
+/// The contiguous element range of a layout; the fused kernels only handle that case (the
+/// optimizer's own tensors always are, gradients are made contiguous first).
+fn span(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("adamw: {what} is not contiguous")))
+}
+
+fn slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let (a, b) = span(l, what)?;
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// Mutable view of a float CPU storage as `T`. `WithDType` has no mutable accessor, so match.
+macro_rules! with_float_slice_mut {
+    ($storage:expr, $layout:expr, |$t:ident, $dst:ident| $body:expr) => {{
+        let (a, b) = span($layout, "destination")?;
+        match $storage {
+            CpuStorage::F32(v) => {
+                type $t = f32;
+                let $dst = &mut v[a..b];
+                $body
+            }
+            CpuStorage::F64(v) => {
+                type $t = f64;
+                let $dst = &mut v[a..b];
+                $body
+            }
+            CpuStorage::BF16(v) => {
+                type $t = half::bf16;
+                let $dst = &mut v[a..b];
+                $body
+            }
+            CpuStorage::F16(v) => {
+                type $t = half::f16;
+                let $dst = &mut v[a..b];
+                $body
+            }
+            other => Err(candle_core::Error::Msg(format!(
+                "adamw: unsupported dtype {:?}",
+                other.dtype()
+            ))),
+        }
+    }};
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (beta, one_m) = (self.beta, 1.0 - self.beta);
+        with_float_slice_mut!(s1, l1, |T, dst| {
+            let g: &[T] = slice(s2, l2, "gradient")?;
+            if g.len() != dst.len() {
+                return Err(candle_core::Error::Msg(
+                    "adamw: gradient size mismatch".into(),
+                ));
+            }
+            if self.square {
+                for (d, &x) in dst.iter_mut().zip(g) {
+                    let x = x.to_f64();
+                    *d = T::from_f64(beta * d.to_f64() + one_m * x * x);
+                }
+            } else {
+                for (d, &x) in dst.iter_mut().zip(g) {
+                    *d = T::from_f64(beta * d.to_f64() + one_m * x.to_f64());
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let u = *self;
+        with_float_slice_mut!(s1, l1, |T, dst| {
+            let m: &[T] = slice(s2, l2, "exp_avg")?;
+            let v: &[T] = slice(s3, l3, "exp_avg_sq")?;
+            if m.len() != dst.len() || v.len() != dst.len() {
+                return Err(candle_core::Error::Msg("adamw: state size mismatch".into()));
+            }
+            for ((p, &m), &v) in dst.iter_mut().zip(m).zip(v) {
+                let denom = v.to_f64().sqrt() * u.inv_sqrt_bc2 + u.eps;
+                *p = T::from_f64(p.to_f64() * u.decay - u.step_size * m.to_f64() / denom);
+            }
+            Ok(())
+        })
     }
 }
 
@@ -421,7 +589,7 @@ mod tests {
             .unwrap()
     }
 
-    fn run_against_reference(dtype: DType, decay: bool, tol: f64) {
+    fn run_against_reference(dtype: DType, decay: bool, fused: bool, tol: f64) {
         let cfg = AdamWConfig {
             weight_decay: 0.1,
             ..Default::default()
@@ -443,6 +611,7 @@ mod tests {
             cfg,
         )
         .unwrap();
+        opt.fused = fused;
         let mut r = RefAdamW {
             p: init.to_vec(),
             m: vec![0.0; 6],
@@ -477,17 +646,87 @@ mod tests {
 
     #[test]
     fn adamw_matches_scalar_reference_f64_with_decay() {
-        run_against_reference(DType::F64, true, 1e-12);
+        for fused in [true, false] {
+            run_against_reference(DType::F64, true, fused, 1e-12);
+        }
     }
 
     #[test]
     fn adamw_matches_scalar_reference_f64_without_decay() {
-        run_against_reference(DType::F64, false, 1e-12);
+        for fused in [true, false] {
+            run_against_reference(DType::F64, false, fused, 1e-12);
+        }
     }
 
     #[test]
     fn adamw_matches_scalar_reference_f32() {
-        run_against_reference(DType::F32, true, 1e-5);
+        for fused in [true, false] {
+            run_against_reference(DType::F32, true, fused, 1e-5);
+        }
+    }
+
+    #[test]
+    fn adamw_bf16_fused_close_to_reference() {
+        run_against_reference(DType::BF16, true, true, 2e-2);
+    }
+
+    #[test]
+    fn fused_update_is_in_place_and_visible_through_clones() {
+        // The model holds clones of the Var's tensor; they must see the update.
+        let var = Var::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
+        let alias = var.as_tensor().clone();
+        let mut opt = AdamW::new(
+            vec![NamedParam::new("w", var.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        opt.step(&grads_for(&var, &[1.0, 1.0]), 0.1).unwrap();
+        let a = alias.to_vec1::<f32>().unwrap();
+        assert!(
+            (a[0] - 0.9).abs() < 1e-5 && (a[1] + 1.1).abs() < 1e-5,
+            "{a:?}"
+        );
+        // A state snapshot does not change when training continues.
+        let snap = opt.state_tensors().unwrap()["w.exp_avg"]
+            .to_vec1::<f32>()
+            .unwrap();
+        let st = opt.state_tensors().unwrap();
+        opt.step(&grads_for(&var, &[1.0, 1.0]), 0.1).unwrap();
+        assert_eq!(st["w.exp_avg"].to_vec1::<f32>().unwrap(), snap);
+    }
+
+    #[test]
+    fn noncontiguous_gradient_is_handled() {
+        let var = Var::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
+        let g = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(!g.is_contiguous());
+        let mut grads = grads_for(&var, &[0.0; 6]);
+        grads.insert(var.as_tensor(), g.clone());
+        let mut a = AdamW::new(
+            vec![NamedParam::new("w", var.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        a.step(&grads, 0.01).unwrap();
+        let fused = var.as_tensor().to_vec2::<f32>().unwrap();
+        let var2 = Var::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
+        let mut grads2 = grads_for(&var2, &[0.0; 6]);
+        grads2.insert(var2.as_tensor(), g);
+        let mut b = AdamW::new(
+            vec![NamedParam::new("w", var2.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        b.fused = false;
+        b.step(&grads2, 0.01).unwrap();
+        // Same values up to rounding (the fused kernel computes in f64).
+        let plain = var2.as_tensor().to_vec2::<f32>().unwrap();
+        for (x, y) in fused.iter().flatten().zip(plain.iter().flatten()) {
+            assert!((x - y).abs() < 1e-6, "{fused:?} vs {plain:?}");
+        }
     }
 
     #[test]
