@@ -121,8 +121,30 @@ where
                 format!("duplicate tensor name {name:?}"),
             ));
         }
-        // safetensors' View for candle tensors copies via the host and unwraps internally;
-        // making the tensor contiguous on CPU here keeps that copy infallible.
+        // candle's safetensors View copies via the host and unwraps internally, panicking on
+        // the packed sub-byte dtypes: refuse those here, and make the tensor contiguous on CPU
+        // so the copy cannot fail.
+        if !matches!(
+            t.dtype(),
+            DType::U8
+                | DType::U32
+                | DType::I16
+                | DType::I32
+                | DType::I64
+                | DType::BF16
+                | DType::F16
+                | DType::F32
+                | DType::F64
+                | DType::F8E4M3
+        ) {
+            return Err(MorError::checkpoint(
+                path,
+                format!(
+                    "tensor {name:?} has dtype {:?}, which cannot be saved",
+                    t.dtype()
+                ),
+            ));
+        }
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
         items.push((name, t));
     }
@@ -430,6 +452,45 @@ mod tests {
         let f = read_safetensors(&p, &Device::Cpu).unwrap();
         assert!(f.metadata.is_empty());
         assert_eq!(load_safetensors(&p).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn optimizer_state_survives_safetensors() {
+        use crate::train::{AdamW, AdamWConfig, NamedParam};
+        let w = candle_core::Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(
+            vec![NamedParam::new("w", w.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let g = w
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        opt.step(&g, 0.1).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(OPTIMIZER_FILE);
+        save_safetensors_atomic(&p, &opt.state_tensors().unwrap(), None).unwrap();
+        let loaded = load_safetensors(&p).unwrap();
+        let mut fresh = AdamW::new(
+            vec![NamedParam::new("w", w.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        fresh.load_state(&loaded, opt.step_count()).unwrap();
+        let a = opt.state_tensors().unwrap();
+        let b = fresh.state_tensors().unwrap();
+        for k in ["w.exp_avg", "w.exp_avg_sq"] {
+            assert_eq!(
+                a[k].to_vec2::<f32>().unwrap(),
+                b[k].to_vec2::<f32>().unwrap()
+            );
+        }
+        assert_eq!(b["w.step"].to_scalar::<f64>().unwrap(), 1.0);
     }
 
     #[test]
