@@ -2,7 +2,11 @@
 //!
 //! Data flow: [`config`] -> [`model`] -> (trainer | engine).
 
+pub mod checkpoint;
 pub mod error;
+pub mod metrics;
+pub mod plot;
+pub mod train;
 
 pub use error::{MorError, Result};
 pub mod config;
