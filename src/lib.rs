@@ -3,16 +3,15 @@
 //! Data flow: [`config`] -> [`model`] -> (trainer | engine).
 
 pub mod checkpoint;
+pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod model;
+pub mod official;
 pub mod plot;
 pub mod train;
-
-pub use error::{MorError, Result};
-pub mod config;
-pub mod model;
+pub mod verify;
 
 pub use config::ModelConfig;
+pub use error::{MorError, Result};
 pub use model::MorModel;
-pub mod official;
-pub mod verify;
