@@ -2,6 +2,8 @@
 //!
 //! Data flow: [`config`] -> [`model`] -> (trainer | engine).
 
+pub mod alloc;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

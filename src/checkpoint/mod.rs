@@ -7,4 +7,4 @@ pub use io::{
     latest, list_checkpoints, load_safetensors, read_safetensors, save_safetensors_atomic,
     write_atomic, write_json_atomic, CheckpointDir, SafetensorsFile,
 };
-pub use model::{load_config, load_model, load_model_with_config, save_model};
+pub use model::{load_config, load_model, load_model_with_config, load_tensors, save_model};

@@ -1,0 +1,528 @@
+//! The pretraining loop (spec §5): packed sequences, AdamW with a WSD/cosine schedule, gradient clipping and
+//! accumulation, the MoR auxiliary losses, loss-free bias updates, periodic held-out loss, metrics as JSONL,
+//! atomic checkpoints and exact resume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::io::{
+    load_safetensors, save_safetensors_atomic, write_json_atomic, CheckpointDir, OPTIMIZER_FILE,
+    TRAINER_STATE_FILE,
+};
+use crate::checkpoint::{load_model, save_model};
+use crate::data::{BatchSampler, CorpusInfo, PackedDataset, TokenFile};
+use crate::error::{MorError, Result};
+use crate::metrics::{read_metrics, truncate_after_step, MetricsWriter};
+use crate::model::expert_choice::{sampling_accuracy, RouteMode};
+use crate::model::token_choice::BIAS_NAME;
+use crate::model::{ForwardOptions, MorModel, RoutingTrace};
+use crate::plot::{plot_loss_curves, Series};
+use crate::train::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, NamedParam};
+
+/// Metrics log file inside a run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Loss-curve plot inside a run directory.
+pub const PLOT_FILE: &str = "loss.png";
+
+/// Hyper-parameters of a training run (saved with every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate (paper: 3e-3 at 360M; small models tolerate more).
+    pub lr: f64,
+    /// Learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// AdamW settings (paper: β (0.9, 0.95), weight decay 0.1, ε 1e-8).
+    pub optimizer: AdamWConfig,
+    /// Gradient clipping norm (paper: 1.0).
+    pub max_grad_norm: f64,
+    /// Seed of the data order (model init has its own seed).
+    pub seed: u64,
+    /// Shuffle sequences each epoch (the paper's configs do not).
+    pub shuffle: bool,
+    /// Held-out evaluation every this many steps (0 = only at the end).
+    pub eval_every: usize,
+    /// Held-out sequences per evaluation.
+    pub eval_sequences: usize,
+    /// Checkpoint every this many steps (0 = only at the end).
+    pub save_every: usize,
+    /// Checkpoints kept.
+    pub keep_last: usize,
+    /// Write a metrics line every this many steps.
+    pub log_every: usize,
+}
+
+impl TrainConfig {
+    /// Reject unusable values, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("seq_len", self.seq_len),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("steps", self.steps),
+            ("keep_last", self.keep_last),
+            ("log_every", self.log_every),
+        ] {
+            if v == 0 {
+                return Err(MorError::Config(format!("train: {name} must be positive")));
+            }
+        }
+        if self.seq_len < 2 {
+            return Err(MorError::Config("train: seq_len must be at least 2".into()));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(MorError::Config(format!("train: lr = {} must be positive", self.lr)));
+        }
+        self.schedule.validate()?;
+        self.optimizer.validate()?;
+        Ok(())
+    }
+
+    /// Tokens consumed per optimizer step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.seq_len * self.batch_size * self.grad_accum
+    }
+}
+
+/// Everything besides weights and optimizer moments needed to continue a run exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Completed optimizer steps.
+    pub step: usize,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Data order position.
+    pub sampler: BatchSampler,
+    /// The run's hyper-parameters.
+    pub train: TrainConfig,
+    /// Wall-clock seconds spent training so far.
+    pub elapsed_secs: f64,
+    /// Last held-out loss.
+    pub last_val_loss: Option<f64>,
+}
+
+/// Summary of a finished run.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Steps completed.
+    pub steps: usize,
+    /// Tokens consumed.
+    pub tokens: u64,
+    /// Final held-out loss (mean NLL per token), with the training-time routing.
+    pub val_loss: Option<f64>,
+    /// Final held-out loss with the causal routing rule (expert-choice MoR only).
+    pub val_loss_causal: Option<f64>,
+    /// Last checkpoint written.
+    pub checkpoint: PathBuf,
+    /// Mean training throughput in tokens/s.
+    pub tokens_per_sec: f64,
+}
+
+/// A training run bound to a model, data and a run directory.
+pub struct Trainer {
+    model: MorModel,
+    opt: AdamW,
+    train: TrainConfig,
+    data: PackedDataset,
+    val: Option<TokenFile>,
+    state: TrainerState,
+    run: CheckpointDir,
+    metrics: MetricsWriter,
+}
+
+fn trainable(model: &MorModel) -> Vec<NamedParam> {
+    model
+        .params()
+        .iter()
+        .filter(|(name, _)| name.as_str() != BIAS_NAME)
+        .map(|(name, var)| NamedParam::new(name.clone(), var.clone()))
+        .collect()
+}
+
+fn open_data(data_dir: &Path, model: &MorModel, seq_len: usize) -> Result<(PackedDataset, Option<TokenFile>)> {
+    let info = CorpusInfo::load(data_dir)?;
+    let vocab = model.config().vocab_size;
+    if info.vocab_size > vocab {
+        return Err(MorError::Data(format!(
+            "{}: the corpus tokenizer has {} tokens but the model's vocab_size is {vocab}",
+            data_dir.display(),
+            info.vocab_size
+        )));
+    }
+    if seq_len > model.config().max_position_embeddings {
+        return Err(MorError::Config(format!(
+            "train: seq_len {seq_len} exceeds the model's context ({})",
+            model.config().max_position_embeddings
+        )));
+    }
+    let train = PackedDataset::new(TokenFile::open(CorpusInfo::train_path(data_dir))?, seq_len)?;
+    let val_path = CorpusInfo::val_path(data_dir);
+    let val = if info.val_tokens as usize > seq_len {
+        Some(TokenFile::open(val_path)?)
+    } else {
+        None
+    };
+    Ok((train, val))
+}
+
+impl Trainer {
+    /// Start a new run of `model` on the prepared corpus `data_dir`, writing to `run_dir`.
+    pub fn new(model: MorModel, train: TrainConfig, data_dir: &Path, run_dir: &Path) -> Result<Self> {
+        train.validate()?;
+        let (data, val) = open_data(data_dir, &model, train.seq_len)?;
+        let opt = AdamW::new(trainable(&model), train.optimizer)?;
+        let run = CheckpointDir::new(run_dir, train.keep_last)?;
+        let metrics = MetricsWriter::open(run_dir.join(METRICS_FILE), false)?;
+        let state = TrainerState {
+            step: 0,
+            tokens: 0,
+            sampler: BatchSampler::new(train.seed, train.shuffle),
+            train: train.clone(),
+            elapsed_secs: 0.0,
+            last_val_loss: None,
+        };
+        write_json_atomic(&run_dir.join("train_config.json"), &train)?;
+        Ok(Trainer {
+            model,
+            opt,
+            train,
+            data,
+            val,
+            state,
+            run,
+            metrics,
+        })
+    }
+
+    /// Continue the run in `run_dir` from its latest checkpoint. `steps` may extend the run.
+    pub fn resume(run_dir: &Path, data_dir: &Path, steps: Option<usize>) -> Result<Self> {
+        let run = CheckpointDir::new(run_dir, 1)?;
+        let ckpt = run
+            .latest()
+            .ok_or_else(|| MorError::checkpoint(run_dir, "no checkpoint to resume from"))?;
+        let model = load_model(&ckpt, &candle_core::Device::Cpu)?;
+        let state_path = ckpt.join(TRAINER_STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).map_err(|e| MorError::io(&state_path, e))?;
+        let mut state: TrainerState = serde_json::from_str(&text).map_err(|e| MorError::Json {
+            path: state_path.clone(),
+            source: e,
+        })?;
+        if let Some(s) = steps {
+            state.train.steps = s;
+        }
+        let train = state.train.clone();
+        train.validate()?;
+        let (data, val) = open_data(data_dir, &model, train.seq_len)?;
+        let mut opt = AdamW::new(trainable(&model), train.optimizer)?;
+        let opt_state = load_safetensors(&ckpt.join(OPTIMIZER_FILE))?;
+        opt.load_state(&opt_state, state.step as u64)?;
+        let metrics_path = run_dir.join(METRICS_FILE);
+        if metrics_path.exists() {
+            truncate_after_step(&metrics_path, state.step as u64)?;
+        }
+        let metrics = MetricsWriter::open(metrics_path, true)?;
+        let run = CheckpointDir::new(run_dir, train.keep_last)?;
+        tracing::info!(step = state.step, checkpoint = %ckpt.display(), "resuming");
+        Ok(Trainer {
+            model,
+            opt,
+            train,
+            data,
+            val,
+            state,
+            run,
+            metrics,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &MorModel {
+        &self.model
+    }
+
+    /// Completed steps.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    /// Mean held-out NLL per token over the first `eval_sequences` non-overlapping sequences of the validation
+    /// split, with the given routing mode. `None` without a validation split.
+    pub fn evaluate(&self, mode: RouteMode) -> Result<Option<f64>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        heldout_loss(&self.model, val, self.train.seq_len, self.train.eval_sequences, self.train.batch_size, mode)
+            .map(Some)
+    }
+
+    fn save(&self) -> Result<PathBuf> {
+        let opt_state = self.opt.state_tensors()?;
+        let dir = self.run.save(self.state.step as u64, |dir| {
+            save_model(dir, &self.model)?;
+            save_safetensors_atomic(&dir.join(OPTIMIZER_FILE), opt_state.iter(), None)?;
+            write_json_atomic(&dir.join(TRAINER_STATE_FILE), &self.state)
+        })?;
+        self.plot()?;
+        Ok(dir)
+    }
+
+    /// Redraw the loss curves (train, held-out) from the metrics log.
+    fn plot(&self) -> Result<()> {
+        let records = read_metrics(self.metrics.path())?;
+        let series_of = |key: &str| Series {
+            name: key.replace('_', " "),
+            points: records
+                .iter()
+                .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
+                .collect(),
+        };
+        let mut series = vec![series_of("loss"), series_of("val_loss")];
+        let causal = series_of("val_loss_causal");
+        if !causal.points.is_empty() {
+            series.push(causal);
+        }
+        plot_loss_curves(
+            &self.run.run_dir().join(PLOT_FILE),
+            &format!("{} — loss", self.model.config().variant_name()),
+            &series,
+        )
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches; returns its metrics record.
+    fn train_step(&mut self) -> Result<serde_json::Value> {
+        let (b, t, accum) = (self.train.batch_size, self.train.seq_len, self.train.grad_accum);
+        let num_items = b * t * accum;
+        let step = self.state.step;
+        let mut acc: Option<GradStore> = None;
+        let vars: Vec<Var> = self.opt.vars().into_iter().cloned().collect();
+        let mut ce_sum = 0.0;
+        let mut n_targets = 0usize;
+        let mut total = 0.0;
+        let mut aux: HashMap<&'static str, f64> = HashMap::new();
+        let mut counts: Vec<usize> = Vec::new();
+        let mut selected: Vec<f64> = Vec::new();
+        let mut sampling_acc = 0.0;
+        for _ in 0..accum {
+            let ids = self.state.sampler.next_batch(&self.data, b)?;
+            let ids = Tensor::from_vec(ids, (b, t), self.model.device())?;
+            let out = self.model.forward(&ids, &ForwardOptions::train(step))?;
+            let loss = self.model.loss(&out, &ids, num_items)?;
+            ce_sum += loss.ce_sum.to_scalar::<f32>()? as f64;
+            n_targets += loss.n_targets;
+            total += loss.total.to_scalar::<f32>()? as f64;
+            let l = &out.router_losses;
+            for (k, v) in [
+                ("sampling_loss", &l.sampling),
+                ("aux_router_loss", &l.aux_router),
+                ("balancing_loss", &l.balancing),
+                ("z_loss", &l.z),
+            ] {
+                if let Some(v) = v {
+                    *aux.entry(k).or_default() += v.to_scalar::<f32>()? as f64 / accum as f64;
+                }
+            }
+            match &out.routing {
+                RoutingTrace::Expert(steps) => {
+                    selected.resize(steps.len(), 0.0);
+                    for (r, s) in steps.iter().enumerate() {
+                        selected[r] += s.selected.count() as f64 / (b * t * accum) as f64;
+                    }
+                    sampling_acc += sampling_accuracy(steps)? / accum as f64;
+                }
+                RoutingTrace::Token(tr) => {
+                    counts.resize(tr.counts.len(), 0);
+                    for (c, n) in counts.iter_mut().zip(&tr.counts) {
+                        *c += n;
+                    }
+                }
+                RoutingTrace::None => {}
+            }
+            let grads = loss.total.backward()?;
+            acc = Some(match acc.take() {
+                None => keep_only(grads, &vars),
+                Some(mut a) => {
+                    for v in &vars {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match a.get(v.as_tensor()) {
+                                Some(prev) => (prev + g)?,
+                                None => g.clone(),
+                            };
+                            a.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    a
+                }
+            });
+        }
+        let mut grads = acc.ok_or_else(|| MorError::Config("no micro-batch".into()))?;
+        let var_refs: Vec<&Var> = vars.iter().collect();
+        let grad_norm = clip_grad_norm(&mut grads, &var_refs, self.train.max_grad_norm)?;
+        let lr = self.train.schedule.lr(step, self.train.lr);
+        if grad_norm.is_finite() {
+            self.opt.step(&grads, lr)?;
+        } else {
+            tracing::warn!(step, grad_norm, "non-finite gradient norm: step skipped");
+        }
+        if !counts.is_empty() {
+            self.model.update_balancing_bias(&counts)?;
+        }
+        self.state.step += 1;
+        self.state.tokens += num_items as u64;
+
+        let mut rec = serde_json::json!({
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "lr": lr,
+            "loss": ce_sum / n_targets.max(1) as f64,
+            "total_loss": total,
+            "grad_norm": grad_norm,
+        });
+        for (k, v) in aux {
+            rec[k] = serde_json::json!(v);
+        }
+        if !selected.is_empty() {
+            rec["selected_fraction"] = serde_json::json!(selected);
+            rec["sampling_acc"] = serde_json::json!(sampling_acc);
+        }
+        if !counts.is_empty() {
+            let n: usize = counts.iter().sum();
+            let load: Vec<f64> = counts.iter().map(|&c| c as f64 / n.max(1) as f64).collect();
+            let mean = 1.0 / load.len() as f64;
+            let max = load.iter().cloned().fold(0.0, f64::max);
+            rec["expert_load"] = serde_json::json!(load);
+            // MaxVio (App. G.2): (max load − mean load) / mean load.
+            rec["max_vio"] = serde_json::json!((max - mean) / mean);
+        }
+        Ok(rec)
+    }
+
+    /// Train until `steps`, with a progress bar if `progress`. Evaluates, logs and checkpoints as configured.
+    pub fn run(&mut self, progress: bool) -> Result<TrainSummary> {
+        let total_steps = self.train.steps;
+        let bar = if progress {
+            indicatif::ProgressBar::new(total_steps as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps · ETA {eta} · {msg}",
+            )
+            .map_err(|e| MorError::Config(e.to_string()))?,
+        );
+        bar.set_position(self.state.step as u64);
+        let start = Instant::now();
+        let elapsed_before = self.state.elapsed_secs;
+        let tokens_before = self.state.tokens;
+        let mut last = None;
+        while self.state.step < total_steps {
+            let t0 = Instant::now();
+            let mut rec = self.train_step()?;
+            let dt = t0.elapsed().as_secs_f64();
+            let tps = self.train.tokens_per_step() as f64 / dt.max(1e-9);
+            rec["tokens_per_sec"] = serde_json::json!(tps);
+            let step = self.state.step;
+            let eval_now = step == total_steps
+                || (self.train.eval_every > 0 && step % self.train.eval_every == 0);
+            if eval_now {
+                if let Some(v) = self.evaluate(RouteMode::TopK { step: None })? {
+                    rec["val_loss"] = serde_json::json!(v);
+                    self.state.last_val_loss = Some(v);
+                }
+                if self.model.config().expert_choice().is_some() {
+                    if let Some(v) = self.evaluate(RouteMode::Causal)? {
+                        rec["val_loss_causal"] = serde_json::json!(v);
+                    }
+                }
+            }
+            if eval_now || step % self.train.log_every == 0 {
+                self.metrics.write(&rec)?;
+            }
+            self.state.elapsed_secs = elapsed_before + start.elapsed().as_secs_f64();
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "loss {:.3} · {:.0} tok/s",
+                rec["loss"].as_f64().unwrap_or(f64::NAN),
+                tps
+            ));
+            if self.train.save_every > 0 && step % self.train.save_every == 0 && step < total_steps {
+                self.save()?;
+            }
+            last = Some(rec);
+        }
+        bar.finish_and_clear();
+        let checkpoint = self.save()?;
+        let secs = start.elapsed().as_secs_f64();
+        let last = last.unwrap_or_default();
+        Ok(TrainSummary {
+            steps: self.state.step,
+            tokens: self.state.tokens,
+            val_loss: last.get("val_loss").and_then(|v| v.as_f64()).or(self.state.last_val_loss),
+            val_loss_causal: last.get("val_loss_causal").and_then(|v| v.as_f64()),
+            checkpoint,
+            tokens_per_sec: (self.state.tokens - tokens_before) as f64 / secs.max(1e-9),
+        })
+    }
+}
+
+/// Keep only the gradients of `vars` (backward also returns every intermediate's gradient; dropping them early
+/// bounds memory across accumulation).
+fn keep_only(grads: GradStore, vars: &[Var]) -> GradStore {
+    let mut out = GradStore::default();
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            out.insert(v.as_tensor(), g.clone());
+        }
+    }
+    out
+}
+
+/// Mean NLL per token of `model` over the first `max_sequences` non-overlapping `seq_len` windows of `file`
+/// (fewer if the file is shorter), in batches of `batch`.
+pub fn heldout_loss(
+    model: &MorModel,
+    file: &TokenFile,
+    seq_len: usize,
+    max_sequences: usize,
+    batch: usize,
+    mode: RouteMode,
+) -> Result<f64> {
+    let n = (file.len() / seq_len).min(max_sequences.max(1));
+    if n == 0 {
+        return Err(MorError::Data(format!(
+            "{}: {} tokens, fewer than one sequence of {seq_len}",
+            file.path().display(),
+            file.len()
+        )));
+    }
+    let opts = ForwardOptions {
+        mode,
+        hidden_states: false,
+    };
+    let (mut sum, mut count) = (0.0, 0usize);
+    let mut i = 0;
+    while i < n {
+        let bsz = batch.min(n - i);
+        let ids = file.get(i * seq_len..(i + bsz) * seq_len)?;
+        let ids = Tensor::from_vec(ids, (bsz, seq_len), model.device())?;
+        let out = model.forward(&ids, &opts)?;
+        let loss = model.loss(&out, &ids, bsz * seq_len)?;
+        sum += loss.ce_sum.to_scalar::<f32>()? as f64;
+        count += loss.n_targets;
+        i += bsz;
+    }
+    Ok(sum / count as f64)
+}
