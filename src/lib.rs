@@ -11,4 +11,5 @@ pub mod model;
 pub use config::ModelConfig;
 pub use model::MorModel;
 pub mod official;
+pub mod sampling;
 pub mod verify;
