@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod official;
 pub mod plot;
+pub mod sampling;
 pub mod train;
 pub mod verify;
 
