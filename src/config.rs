@@ -600,19 +600,19 @@ impl ModelConfig {
                 return err(format!("{name} must be positive"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(format!(
                 "num_attention_heads = {} does not divide hidden_size = {}",
                 self.num_attention_heads, self.hidden_size
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return err(format!(
                 "num_key_value_heads = {} does not divide num_attention_heads = {}",
                 self.num_key_value_heads, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return err(format!(
                 "head_dim = {} must be even and positive for RoPE",
                 self.head_dim()
@@ -707,7 +707,7 @@ impl ModelConfig {
                             return err("mor.routing.expert.capacity must not increase with depth (hierarchical filtering)".into());
                         }
                     }
-                    if !(e.alpha > 0.0) {
+                    if e.alpha.is_nan() || e.alpha <= 0.0 {
                         return err(format!(
                             "mor.routing.expert.alpha = {} must be positive",
                             e.alpha
@@ -720,7 +720,7 @@ impl ModelConfig {
                     }
                 }
                 RoutingKind::Token(t) => {
-                    if !(t.alpha > 0.0) {
+                    if t.alpha.is_nan() || t.alpha <= 0.0 {
                         return err(format!(
                             "mor.routing.token.alpha = {} must be positive",
                             t.alpha

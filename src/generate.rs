@@ -1,0 +1,118 @@
+//! Text generation by full-sequence recompute with causal routing (spec §10.4): every step runs the whole
+//! context through the model, so expert-choice MoR uses its causal decode rule and never looks ahead.
+//! (KV-cached generation and depth-wise batching are separate work; this path is the reference they must match.)
+
+use candle_core::{IndexOp, Tensor};
+
+use crate::data::Tokenizer;
+use crate::error::{MorError, Result};
+use crate::model::{ForwardOptions, MorModel};
+use crate::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` reached (or the context filled up).
+    Length,
+    /// The model produced EOS.
+    Eos,
+    /// A stop sequence appeared.
+    Stop,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Prompt tokens (after encoding; an empty prompt starts from EOS).
+    pub prompt_tokens: Vec<u32>,
+    /// Generated tokens.
+    pub tokens: Vec<u32>,
+    /// Generated text (without a matched stop sequence).
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+/// Generate a continuation of `prompt`, calling `on_text` with each new piece of text as it is produced.
+/// An empty prompt starts from the EOS token, as the paper's unconditional throughput runs do. A prompt that fills
+/// the context is an error; `max_new_tokens` is clamped to the context that remains (with a log line).
+pub fn generate(
+    model: &MorModel,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    params: &SamplingParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let ctx = model.config().max_position_embeddings;
+    let mut prompt_tokens = tokenizer.encode(prompt)?;
+    if prompt_tokens.is_empty() {
+        prompt_tokens.push(tokenizer.eos_id());
+    }
+    if let Some(&bad) = prompt_tokens
+        .iter()
+        .find(|&&t| t as usize >= model.config().vocab_size)
+    {
+        return Err(MorError::Request(format!(
+            "prompt token {bad} is outside the model's vocabulary ({}): tokenizer and model do not match",
+            model.config().vocab_size
+        )));
+    }
+    params.validate(prompt_tokens.len())?;
+    if prompt_tokens.len() >= ctx {
+        return Err(MorError::Request(format!(
+            "prompt of {} tokens leaves no room in the model's context of {ctx}",
+            prompt_tokens.len()
+        )));
+    }
+    let max_new = params.max_new_tokens.min(ctx - prompt_tokens.len());
+    if max_new < params.max_new_tokens {
+        tracing::info!(
+            requested = params.max_new_tokens,
+            max_new,
+            "max_new_tokens clamped to the remaining context"
+        );
+    }
+    let mut sampler = Sampler::new(params.clone())?;
+    let mut stop = StopMatcher::new(&params.stop);
+    let mut context = prompt_tokens.clone();
+    let mut tokens = Vec::new();
+    let mut decoded_len = 0;
+    let mut streamed = 0;
+    let mut finish = FinishReason::Length;
+    let opts = ForwardOptions::causal();
+    for _ in 0..max_new {
+        let ids = Tensor::from_vec(context.clone(), (1, context.len()), model.device())?;
+        let logits = model.forward(&ids, &opts)?.logits;
+        let next = sampler.sample_tensor(&logits.i((0, context.len() - 1))?, &context)?;
+        if next == tokenizer.eos_id() {
+            finish = FinishReason::Eos;
+            break;
+        }
+        context.push(next);
+        tokens.push(next);
+        // Decode the whole continuation so characters spanning several tokens come out whole.
+        let full = tokenizer.decode(&tokens)?;
+        let piece = full.get(decoded_len..).unwrap_or("");
+        decoded_len = full.len();
+        let check = stop.push(piece);
+        let safe = stop.stable_len();
+        if safe > streamed {
+            on_text(&stop.text()[streamed..safe]);
+            streamed = safe;
+        }
+        if let StopCheck::Stop { .. } = check {
+            finish = FinishReason::Stop;
+            break;
+        }
+    }
+    let text = stop.text().to_string();
+    if text.len() > streamed {
+        on_text(&text[streamed..]);
+    }
+    Ok(Generation {
+        prompt_tokens,
+        tokens,
+        text,
+        finish,
+    })
+}
