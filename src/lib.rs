@@ -10,5 +10,7 @@ pub mod model;
 
 pub use config::ModelConfig;
 pub use model::MorModel;
+pub mod flops;
 pub mod official;
+pub mod presets;
 pub mod verify;
