@@ -435,7 +435,8 @@ mod tests {
         // (recursion layers weighted by capacity for linear layers and by capacity² for attention) reproduces the
         // official 360M configs' step ratios within 0.4%; the model-side ratio is systematically ~0.3% higher, i.e.
         // the authors' count gave MoR slightly more FLOPs (e.g. the head or norms counted somewhere); not resolved.
-        // Found: MoR-2 1.3403 vs 1.3370, MoR-3 1.5052 vs 1.5004, MoR-4 1.5118 vs 1.5063, Rec-4 0.9412 vs 0.9412.
+        // Found: MoR-2 1.3403 vs 1.3370, MoR-E3 1.5055 / MoR-T3 1.5052 vs 1.5004, MoR-4 1.5118 vs 1.5063, Rec-4
+        // 0.9412 vs 0.9412, Rec-2 and Rec-3 exactly 1 (same unrolled depth as vanilla).
         let v = fwd("smollm-360m-vanilla");
         for (name, steps, tol) in [
             ("smollm-360m-recursive-2", 9438.0, 1e-9),

@@ -58,7 +58,7 @@ struct Shape {
 /// d = 128 with 4 heads of 32 and 2 KV heads keeps GQA in play; FFN 384 = 3d (≈ the 8/3·d SwiGLU rule rounded to a
 /// multiple of 128); 8 layers are exactly 1 + 2×3 + 1 for N_r = 3 under Middle-Cycle; context 256 keeps attention
 /// cheap while leaving room for routing to matter; vocab 4096 fits a byte-level BPE trained on a small bundled corpus
-/// (the embedding is then about half the parameters, as in small SmolLMs).
+/// (the embedding is then ~40% of the parameters, a small-SmolLM-like share).
 const TINY: Shape = Shape {
     vocab: 4096,
     d: 128,
@@ -240,6 +240,26 @@ mod tests {
         let e360 = forward_flops(&preset("smollm-360m-vanilla").unwrap(), 2048).unwrap();
         assert_eq!(e135.embedding_params, 49152 * 576);
         assert_eq!(e360.embedding_params, 49152 * 960);
+    }
+
+    #[test]
+    fn docs_example_is_the_expert_preset() {
+        // docs/config.md shows this preset verbatim; keep the two in sync.
+        let doc = include_str!("../docs/config.md");
+        let start = doc.find("<!-- example-config -->\n```json\n").unwrap();
+        let body = &doc[start..];
+        let body = &body[body.find('{').unwrap()..];
+        let json = &body[..body.find("```").unwrap()];
+        assert_eq!(
+            ModelConfig::from_json(json).unwrap(),
+            preset("smollm-360m-mor-expert-3").unwrap()
+        );
+        for name in preset_names() {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} missing from docs"
+            );
+        }
     }
 
     #[test]
