@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod flops;
 pub mod metrics;
