@@ -487,3 +487,35 @@ fn bundled_corpus_is_readable() {
     assert!((4_000_000..6_000_000).contains(&bytes), "{bytes}");
     assert!(!docs.iter().any(|d| d.contains("Project Gutenberg")));
 }
+
+/// End-to-end on the whole bundled corpus (tens of seconds): `cargo test --test data -- --ignored`.
+#[test]
+#[ignore]
+fn bundled_corpus_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/shakespeare.jsonl.gz");
+    let t0 = std::time::Instant::now();
+    let tok = Tokenizer::train_bpe(std::slice::from_ref(&corpus), 4096).unwrap();
+    let trained = t0.elapsed();
+    assert_eq!(tok.vocab_size(), 4096);
+    let opts = PrepareOptions {
+        val_fraction: 0.05,
+        ..Default::default()
+    };
+    let info = prepare_corpus(&[corpus], &tok, dir.path(), &opts).unwrap();
+    eprintln!(
+        "train {trained:?}, prepare {:?}: {} train / {} val tokens, {} / {} docs",
+        t0.elapsed() - trained,
+        info.train_tokens,
+        info.val_tokens,
+        info.train_documents,
+        info.val_documents
+    );
+    assert_eq!((info.train_documents, info.val_documents), (40, 2));
+    let train = TokenFile::open(CorpusInfo::train_path(dir.path())).unwrap();
+    assert_eq!(train.len() as u64, info.train_tokens);
+    assert!(train.max_token().unwrap() < 4096);
+    let ds = PackedDataset::new(train, 256).unwrap();
+    let mut s = BatchSampler::new(0, true);
+    assert_eq!(s.next_batch(&ds, 4).unwrap().len(), 4 * 256);
+}

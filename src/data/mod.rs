@@ -17,10 +17,12 @@ mod sampler;
 mod source;
 mod tokenizer;
 
-pub use corpus::{prepare_corpus, CorpusInfo, PrepareOptions, SourceInfo, CORPUS_INFO_FILE};
+pub use corpus::{
+    prepare_corpus, CorpusInfo, PrepareOptions, SourceInfo, CORPUS_INFO_FILE, TRAIN_FILE, VAL_FILE,
+};
 pub use dataset::{EvalWindow, EvalWindows, PackedDataset, TokenFile};
 pub use sampler::BatchSampler;
-pub use source::{read_documents, DocumentSplit, InputFormat};
+pub use source::{read_documents, DocumentSplit, Documents, InputFormat};
 pub use tokenizer::{Tokenizer, EOS_TOKEN};
 
 use crate::{MorError, Result};
