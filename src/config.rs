@@ -606,7 +606,10 @@ impl ModelConfig {
                 self.num_attention_heads, self.hidden_size
             ));
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return err(format!(
                 "num_key_value_heads = {} does not divide num_attention_heads = {}",
                 self.num_key_value_heads, self.num_attention_heads

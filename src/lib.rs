@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod flops;
+pub mod generate;
 pub mod metrics;
 pub mod model;
 pub mod official;

@@ -1,1 +1,569 @@
-fn main() {}
+//! The `mor` command line: train, verify, generate and benchmark Mixture-of-Recursions models.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use mor::checkpoint::load_model;
+use mor::config::ModelConfig;
+use mor::data::{prepare_corpus, PrepareOptions, Tokenizer};
+use mor::model::MorModel;
+use mor::train::trainer::{TrainConfig, Trainer};
+use mor::train::{AdamWConfig, LrSchedule};
+
+#[global_allocator]
+static GLOBAL: mor::alloc::CountingAlloc = mor::alloc::CountingAlloc;
+
+#[derive(Parser)]
+#[command(
+    name = "mor",
+    version,
+    about = "Mixture-of-Recursions language models: train, verify, generate, benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a tiny MoR model on the bundled Shakespeare corpus, then report held-out loss and a sample.
+    Quickstart(QuickstartArgs),
+    /// Train a byte-level BPE tokenizer on text / JSONL files.
+    Tokenizer(TokenizerArgs),
+    /// Tokenize text / JSONL files into a packed token corpus with a held-out split.
+    Prepare(PrepareArgs),
+    /// Train (or resume) a model on a prepared corpus.
+    Train(TrainArgs),
+    /// Sample text from a checkpoint.
+    Generate(GenerateArgs),
+    /// Compare the model against a reference directory made with the official PyTorch code.
+    Verify {
+        /// Directory with meta.json, checkpoint/, tensors.safetensors, grads.safetensors.
+        reference: PathBuf,
+    },
+    /// Forward FLOPs per token of a config or preset (paper App. D).
+    Flops(FlopsArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    /// Output directory (corpus, tokenizer, run).
+    #[arg(long, default_value = "runs/quickstart")]
+    out: PathBuf,
+    /// Model preset.
+    #[arg(long, default_value = "tiny-mor-expert")]
+    preset: String,
+    /// Training steps.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Prompt for the sample.
+    #[arg(long, default_value = "ROMEO:")]
+    prompt: String,
+}
+
+#[derive(Args)]
+struct TokenizerArgs {
+    /// Input files.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    /// Output tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Input files (.txt, .jsonl, optionally .gz).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// tokenizer.json to use (copied into the output directory).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Fraction of documents held out.
+    #[arg(long, default_value_t = 0.01)]
+    val_fraction: f64,
+    /// JSONL field with the text.
+    #[arg(long, default_value = "text")]
+    field: String,
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// Model config.json (mor / HF / official layout).
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Model preset name (see `mor flops --list`).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Prepared corpus directory (from `mor prepare`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory (checkpoints, metrics.jsonl, loss.png).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Derive the step count from a training-FLOPs budget (3 × forward FLOPs per token × tokens).
+    #[arg(long, conflicts_with = "steps")]
+    flops_budget: Option<f64>,
+    /// Tokens per sequence (default: the model's context).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Schedule: wsd (trapezoid), cosine or constant.
+    #[arg(long, default_value = "wsd")]
+    schedule: String,
+    /// Warm-up steps (default 5% of steps).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// WSD cool-down fraction.
+    #[arg(long, default_value_t = 0.2)]
+    decay_fraction: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Gradient clipping norm.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of the model initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Shuffle sequences every epoch.
+    #[arg(long)]
+    shuffle: bool,
+    /// Held-out evaluation interval in steps (0: end only).
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Held-out sequences per evaluation.
+    #[arg(long, default_value_t = 32)]
+    eval_sequences: usize,
+    /// Checkpoint interval in steps (0: end only).
+    #[arg(long, default_value_t = 500)]
+    save_every: usize,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    keep_last: usize,
+    /// Metrics interval in steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json) or a run directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// tokenizer.json (default: the one in the checkpoint).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 100)]
+    max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Keep the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop sequences.
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct FlopsArgs {
+    /// Model config.json.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Preset name.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Sequence length (default: the model's context).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// List presets.
+    #[arg(long)]
+    list: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training throughput and peak memory of vanilla, recursive and MoR at the same shape.
+    Train {
+        /// Model width.
+        #[arg(long, default_value_t = 256)]
+        hidden_size: usize,
+        /// Unrolled layers ((layers − 2) divisible by every N_r).
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Rounds of interleaved runs.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Variants (comma-separated); the first is the baseline.
+        #[arg(
+            long,
+            default_value = "vanilla,recursive-2,mor-expert-2,mor-expert-3,mor-token-3"
+        )]
+        variants: String,
+    },
+}
+
+fn model_config(config: &Option<PathBuf>, preset: &Option<String>) -> Result<ModelConfig> {
+    match (config, preset) {
+        (Some(p), _) => Ok(mor::checkpoint::load_config(p)?),
+        (None, Some(name)) => Ok(mor::presets::preset(name)?),
+        (None, None) => bail!("give --config FILE or --preset NAME"),
+    }
+}
+
+fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
+    let seq_len = a.seq_len.unwrap_or(cfg.max_position_embeddings);
+    let steps = match a.flops_budget {
+        Some(budget) => {
+            let tokens_per_step = seq_len * a.batch_size * a.grad_accum;
+            let n = mor::flops::steps_for_budget(cfg, seq_len, tokens_per_step, budget)?;
+            tracing::info!(steps = n, budget, "steps derived from the FLOPs budget");
+            n
+        }
+        None => a.steps,
+    };
+    let schedule = match a.schedule.as_str() {
+        "wsd" => LrSchedule::Wsd {
+            warmup: a.warmup,
+            total: steps,
+            decay_fraction: a.decay_fraction,
+        },
+        "cosine" => LrSchedule::Cosine {
+            warmup: a.warmup,
+            total: steps,
+            min_lr_ratio: 0.1,
+        },
+        "constant" => LrSchedule::Constant { warmup: a.warmup },
+        other => bail!("--schedule {other:?}: use wsd, cosine or constant"),
+    };
+    Ok(TrainConfig {
+        seq_len,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        steps,
+        lr: a.lr,
+        schedule,
+        optimizer: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..AdamWConfig::default()
+        },
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        shuffle: a.shuffle,
+        eval_every: a.eval_every,
+        eval_sequences: a.eval_sequences,
+        save_every: a.save_every,
+        keep_last: a.keep_last,
+        log_every: a.log_every,
+    })
+}
+
+fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
+    let mut trainer = if a.resume {
+        Trainer::resume(
+            &a.out,
+            &a.data,
+            Some(a.steps).filter(|_| a.flops_budget.is_none()),
+        )?
+    } else {
+        let cfg = model_config(&a.config, &a.preset)?;
+        if let Some(w) = cfg.layout_warning() {
+            tracing::warn!("{w}");
+        }
+        let train = train_config(a, &cfg)?;
+        let model = MorModel::new(&cfg, &candle_core::Device::Cpu, a.seed)?;
+        println!(
+            "training {} ({:.2}M parameters) for {} steps of {} tokens",
+            cfg.variant_name(),
+            model.params().num_scalars() as f64 / 1e6,
+            train.steps,
+            train.tokens_per_step()
+        );
+        Trainer::new(model, train, &a.data, &a.out)?
+    };
+    let summary = trainer.run(!a.quiet)?;
+    println!(
+        "done: {} steps, {} tokens, {:.0} tokens/s; checkpoint {}",
+        summary.steps,
+        summary.tokens,
+        summary.tokens_per_sec,
+        summary.checkpoint.display()
+    );
+    if let Some(v) = summary.val_loss {
+        println!("held-out loss {v:.4} (perplexity {:.2})", v.exp());
+    }
+    if let Some(v) = summary.val_loss_causal {
+        println!(
+            "held-out loss with causal routing {v:.4} (perplexity {:.2})",
+            v.exp()
+        );
+    }
+    Ok(summary)
+}
+
+/// A checkpoint directory, or the latest checkpoint of a run directory.
+fn resolve_checkpoint(path: &Path) -> PathBuf {
+    if path.join("config.json").exists() {
+        path.to_path_buf()
+    } else {
+        mor::checkpoint::latest(path).unwrap_or_else(|| path.to_path_buf())
+    }
+}
+
+fn run_generate(a: &GenerateArgs) -> Result<String> {
+    let dir = resolve_checkpoint(&a.checkpoint);
+    let model = load_model(&dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tokenizer = Tokenizer::from_file(&tok_path)?;
+    let s = &a.sampling;
+    let params = mor::sampling::SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+        max_new_tokens: s.max_tokens,
+        stop: s.stop.clone(),
+    };
+    let out = mor::generate::generate(&model, &tokenizer, &a.prompt, &params, &mut |piece| {
+        use std::io::Write;
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    Ok(out.text)
+}
+
+fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/shakespeare.jsonl.gz");
+    let corpus = if corpus.exists() {
+        corpus
+    } else {
+        PathBuf::from("corpus/shakespeare.jsonl.gz")
+    };
+    if !corpus.exists() {
+        bail!("bundled corpus not found at {}", corpus.display());
+    }
+    let cfg = mor::presets::preset(&a.preset)?;
+    let data_dir = a.out.join("data");
+    let tok_path = data_dir.join("tokenizer.json");
+    std::fs::create_dir_all(&data_dir)?;
+    let tokenizer = if tok_path.exists() {
+        Tokenizer::from_file(&tok_path)?
+    } else {
+        println!(
+            "training a {}-token byte-level BPE on {}",
+            cfg.vocab_size,
+            corpus.display()
+        );
+        let t = Tokenizer::train_bpe(std::slice::from_ref(&corpus), cfg.vocab_size)?;
+        t.save(&tok_path)?;
+        t
+    };
+    if !data_dir.join(mor::data::CORPUS_INFO_FILE).exists() {
+        println!("tokenizing the corpus");
+        let opts = PrepareOptions {
+            val_fraction: 0.02,
+            show_progress: true,
+            ..PrepareOptions::default()
+        };
+        let info = prepare_corpus(std::slice::from_ref(&corpus), &tokenizer, &data_dir, &opts)?;
+        println!(
+            "{} training and {} held-out tokens",
+            info.train_tokens, info.val_tokens
+        );
+    }
+    let run_dir = a.out.join("run");
+    let args = TrainArgs {
+        config: None,
+        preset: Some(a.preset.clone()),
+        data: data_dir.clone(),
+        out: run_dir.clone(),
+        resume: mor::checkpoint::latest(&run_dir).is_some(),
+        steps: a.steps,
+        flops_budget: None,
+        seq_len: None,
+        batch_size: 8,
+        grad_accum: 1,
+        lr: 3e-3,
+        schedule: "wsd".into(),
+        warmup: None,
+        decay_fraction: 0.2,
+        weight_decay: 0.1,
+        max_grad_norm: 1.0,
+        seed: 0,
+        shuffle: true,
+        eval_every: 100,
+        eval_sequences: 32,
+        save_every: 100,
+        keep_last: 2,
+        log_every: 10,
+        quiet: false,
+    };
+    let summary = run_train(&args)?;
+    println!(
+        "loss curve: {}",
+        run_dir.join(mor::train::trainer::PLOT_FILE).display()
+    );
+    println!("\nsample (prompt {:?}):", a.prompt);
+    run_generate(&GenerateArgs {
+        checkpoint: summary.checkpoint.clone(),
+        tokenizer: Some(tok_path),
+        prompt: a.prompt.clone(),
+        sampling: SamplingArgs {
+            max_tokens: 80,
+            temperature: 0.8,
+            top_k: Some(40),
+            top_p: None,
+            repetition_penalty: 1.1,
+            seed: 0,
+            stop: vec![],
+        },
+    })?;
+    println!(
+        "\ncheckpoint: {}\nnext: mor generate --checkpoint {} --prompt \"...\"",
+        summary.checkpoint.display(),
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Quickstart(a) => run_quickstart(&a)?,
+        Command::Tokenizer(a) => {
+            let t = Tokenizer::train_bpe(&a.inputs, a.vocab_size)?;
+            t.save(&a.out)?;
+            println!("wrote {} ({} tokens)", a.out.display(), t.vocab_size());
+        }
+        Command::Prepare(a) => {
+            let tokenizer = Tokenizer::from_file(&a.tokenizer)?;
+            let opts = PrepareOptions {
+                val_fraction: a.val_fraction,
+                jsonl_field: a.field.clone(),
+                show_progress: true,
+                ..PrepareOptions::default()
+            };
+            let info = prepare_corpus(&a.inputs, &tokenizer, &a.out, &opts)?;
+            tokenizer.save(a.out.join("tokenizer.json"))?;
+            println!(
+                "{}: {} training and {} held-out tokens",
+                a.out.display(),
+                info.train_tokens,
+                info.val_tokens
+            );
+        }
+        Command::Train(a) => {
+            run_train(&a)?;
+        }
+        Command::Generate(a) => {
+            run_generate(&a)?;
+        }
+        Command::Verify { reference } => {
+            let report = mor::verify::verify_reference(&reference)?;
+            print!("{}", report.table());
+            if !report.passed() {
+                bail!("deviations beyond tolerance");
+            }
+            println!("all {} quantities within tolerance", report.rows.len());
+        }
+        Command::Flops(a) => {
+            if a.list {
+                for p in mor::presets::preset_names() {
+                    println!("{p}");
+                }
+                return Ok(());
+            }
+            let cfg = model_config(&a.config, &a.preset)?;
+            let seq = a.seq_len.unwrap_or(cfg.max_position_embeddings);
+            println!("{}", mor::flops::forward_flops(&cfg, seq)?);
+        }
+        Command::Bench(BenchCommand::Train {
+            hidden_size,
+            layers,
+            batch,
+            seq_len,
+            rounds,
+            variants,
+        }) => {
+            let o = mor::bench::TrainBenchOptions {
+                hidden_size,
+                layers,
+                batch,
+                seq_len,
+                rounds,
+                variants: variants.split(',').map(|s| s.trim().to_string()).collect(),
+                ..Default::default()
+            };
+            println!("{}", mor::bench::bench_train(&o)?);
+        }
+    }
+    Ok(())
+}

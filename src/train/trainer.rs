@@ -84,7 +84,10 @@ impl TrainConfig {
             return Err(MorError::Config("train: seq_len must be at least 2".into()));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(MorError::Config(format!("train: lr = {} must be positive", self.lr)));
+            return Err(MorError::Config(format!(
+                "train: lr = {} must be positive",
+                self.lr
+            )));
         }
         self.schedule.validate()?;
         self.optimizer.validate()?;
@@ -152,7 +155,11 @@ fn trainable(model: &MorModel) -> Vec<NamedParam> {
         .collect()
 }
 
-fn open_data(data_dir: &Path, model: &MorModel, seq_len: usize) -> Result<(PackedDataset, Option<TokenFile>)> {
+fn open_data(
+    data_dir: &Path,
+    model: &MorModel,
+    seq_len: usize,
+) -> Result<(PackedDataset, Option<TokenFile>)> {
     let info = CorpusInfo::load(data_dir)?;
     let vocab = model.config().vocab_size;
     if info.vocab_size > vocab {
@@ -180,7 +187,12 @@ fn open_data(data_dir: &Path, model: &MorModel, seq_len: usize) -> Result<(Packe
 
 impl Trainer {
     /// Start a new run of `model` on the prepared corpus `data_dir`, writing to `run_dir`.
-    pub fn new(model: MorModel, train: TrainConfig, data_dir: &Path, run_dir: &Path) -> Result<Self> {
+    pub fn new(
+        model: MorModel,
+        train: TrainConfig,
+        data_dir: &Path,
+        run_dir: &Path,
+    ) -> Result<Self> {
         train.validate()?;
         let (data, val) = open_data(data_dir, &model, train.seq_len)?;
         let opt = AdamW::new(trainable(&model), train.optimizer)?;
@@ -215,13 +227,20 @@ impl Trainer {
             .ok_or_else(|| MorError::checkpoint(run_dir, "no checkpoint to resume from"))?;
         let model = load_model(&ckpt, &candle_core::Device::Cpu)?;
         let state_path = ckpt.join(TRAINER_STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).map_err(|e| MorError::io(&state_path, e))?;
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| MorError::io(&state_path, e))?;
         let mut state: TrainerState = serde_json::from_str(&text).map_err(|e| MorError::Json {
             path: state_path.clone(),
             source: e,
         })?;
-        if let Some(s) = steps {
+        if let Some(s) = steps.filter(|&s| s != state.train.steps) {
+            // Extending a run stretches a schedule that has a horizon (the lr curve then differs from the
+            // original plan from here on).
             state.train.steps = s;
+            match &mut state.train.schedule {
+                LrSchedule::Wsd { total, .. } | LrSchedule::Cosine { total, .. } => *total = s,
+                LrSchedule::Constant { .. } => {}
+            }
         }
         let train = state.train.clone();
         train.validate()?;
@@ -264,8 +283,15 @@ impl Trainer {
         let Some(val) = &self.val else {
             return Ok(None);
         };
-        heldout_loss(&self.model, val, self.train.seq_len, self.train.eval_sequences, self.train.batch_size, mode)
-            .map(Some)
+        heldout_loss(
+            &self.model,
+            val,
+            self.train.seq_len,
+            self.train.eval_sequences,
+            self.train.batch_size,
+            mode,
+        )
+        .map(Some)
     }
 
     fn save(&self) -> Result<PathBuf> {
@@ -303,7 +329,11 @@ impl Trainer {
 
     /// One optimizer step over `grad_accum` micro-batches; returns its metrics record.
     fn train_step(&mut self) -> Result<serde_json::Value> {
-        let (b, t, accum) = (self.train.batch_size, self.train.seq_len, self.train.grad_accum);
+        let (b, t, accum) = (
+            self.train.batch_size,
+            self.train.seq_len,
+            self.train.grad_accum,
+        );
         let num_items = b * t * accum;
         let step = self.state.step;
         let mut acc: Option<GradStore> = None;
@@ -409,9 +439,17 @@ impl Trainer {
         Ok(rec)
     }
 
-    /// Train until `steps`, with a progress bar if `progress`. Evaluates, logs and checkpoints as configured.
+    /// Train until the configured `steps`, with a progress bar if `progress`. Evaluates, logs and checkpoints as
+    /// configured, and always checkpoints at the end.
     pub fn run(&mut self, progress: bool) -> Result<TrainSummary> {
+        self.run_until(self.train.steps, progress)
+    }
+
+    /// Train until step `until` (at most the configured `steps`), then checkpoint. The schedule and evaluation
+    /// follow the whole run's configuration, so stopping early and resuming is the same as never stopping.
+    pub fn run_until(&mut self, until: usize, progress: bool) -> Result<TrainSummary> {
         let total_steps = self.train.steps;
+        let until = until.min(total_steps);
         let bar = if progress {
             indicatif::ProgressBar::new(total_steps as u64)
         } else {
@@ -428,7 +466,7 @@ impl Trainer {
         let elapsed_before = self.state.elapsed_secs;
         let tokens_before = self.state.tokens;
         let mut last = None;
-        while self.state.step < total_steps {
+        while self.state.step < until {
             let t0 = Instant::now();
             let mut rec = self.train_step()?;
             let dt = t0.elapsed().as_secs_f64();
@@ -436,7 +474,7 @@ impl Trainer {
             rec["tokens_per_sec"] = serde_json::json!(tps);
             let step = self.state.step;
             let eval_now = step == total_steps
-                || (self.train.eval_every > 0 && step % self.train.eval_every == 0);
+                || (self.train.eval_every > 0 && step.is_multiple_of(self.train.eval_every));
             if eval_now {
                 if let Some(v) = self.evaluate(RouteMode::TopK { step: None })? {
                     rec["val_loss"] = serde_json::json!(v);
@@ -448,7 +486,7 @@ impl Trainer {
                     }
                 }
             }
-            if eval_now || step % self.train.log_every == 0 {
+            if eval_now || step.is_multiple_of(self.train.log_every) {
                 self.metrics.write(&rec)?;
             }
             self.state.elapsed_secs = elapsed_before + start.elapsed().as_secs_f64();
@@ -458,7 +496,8 @@ impl Trainer {
                 rec["loss"].as_f64().unwrap_or(f64::NAN),
                 tps
             ));
-            if self.train.save_every > 0 && step % self.train.save_every == 0 && step < total_steps {
+            if self.train.save_every > 0 && step.is_multiple_of(self.train.save_every) && step < total_steps
+            {
                 self.save()?;
             }
             last = Some(rec);
@@ -470,7 +509,10 @@ impl Trainer {
         Ok(TrainSummary {
             steps: self.state.step,
             tokens: self.state.tokens,
-            val_loss: last.get("val_loss").and_then(|v| v.as_f64()).or(self.state.last_val_loss),
+            val_loss: last
+                .get("val_loss")
+                .and_then(|v| v.as_f64())
+                .or(self.state.last_val_loss),
             val_loss_causal: last.get("val_loss_causal").and_then(|v| v.as_f64()),
             checkpoint,
             tokens_per_sec: (self.state.tokens - tokens_before) as f64 / secs.max(1e-9),
