@@ -496,7 +496,9 @@ impl Trainer {
                 rec["loss"].as_f64().unwrap_or(f64::NAN),
                 tps
             ));
-            if self.train.save_every > 0 && step.is_multiple_of(self.train.save_every) && step < total_steps
+            if self.train.save_every > 0
+                && step.is_multiple_of(self.train.save_every)
+                && step < total_steps
             {
                 self.save()?;
             }
