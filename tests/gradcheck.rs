@@ -43,6 +43,18 @@ use mor::model::{ForwardOptions, MorModel, RoutingTrace};
 
 const DEV: Device = Device::Cpu;
 
+/// The tensors here are tiny, so candle's per-op thread fan-out only costs: with the test harness running the tests
+/// in parallel, one thread per op is ~6× faster (48 s → 7 s on 2 cores). candle reads RAYON_NUM_THREADS at every
+/// op; every test sets it first thing, before any tensor op, so no other thread reads it concurrently.
+fn single_threaded_ops() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var("RAYON_NUM_THREADS", "1");
+        }
+    });
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // Helpers
 // ------------------------------------------------------------------------------------------------------------------
@@ -191,6 +203,7 @@ fn named(vars: &[(String, Var)]) -> Vec<(&str, &Var)> {
 
 #[test]
 fn op_level_gradients_match_finite_differences() -> Result<()> {
+    single_threaded_ops();
     let mut rng = StdRng::seed_from_u64(11);
     let rng = &mut rng;
     // (check, worst relative error, tolerance)
@@ -490,6 +503,7 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
 /// candle's `gelu_erf` backward vs the exact derivative Φ(x) + x·φ(x): equal up to the truncated 1/√(2π) constant.
 #[test]
 fn candle_gelu_erf_backward_deviation() -> Result<()> {
+    single_threaded_ops();
     let xs: Vec<f64> = (0..=200).map(|i| -5.0 + 0.05 * i as f64).collect();
     let x = Var::from_tensor(&Tensor::from_vec(xs.clone(), xs.len(), &DEV)?)?;
     let grads = x.as_tensor().gelu_erf()?.sum_all()?.backward()?;
@@ -743,6 +757,7 @@ fn run_cases(group: &str, cases: &[(&str, String, usize)]) -> Result<()> {
 
 #[test]
 fn vanilla_and_recursive_models() -> Result<()> {
+    single_threaded_ops();
     let mut cases = vec![(
         "vanilla 6L",
         model_json("").replace(r#""num_hidden_layers":8"#, r#""num_hidden_layers":6"#),
@@ -769,6 +784,7 @@ const MIDDLE3: &str = r#","recursion":{"sharing":"middle_cycle","num_recursion":
 
 #[test]
 fn mor_expert_choice_models() -> Result<()> {
+    single_threaded_ops();
     let mor = |m: &str| model_json(&format!(r#"{MIDDLE3},"mor":{m}"#));
     let cases = vec![
         (
@@ -807,6 +823,7 @@ fn mor_expert_choice_models() -> Result<()> {
 
 #[test]
 fn mor_expert_choice_training_variants() -> Result<()> {
+    single_threaded_ops();
     let mor = |m: &str| model_json(&format!(r#"{MIDDLE3},"mor":{m}"#));
     let warm = r#"{"routing":{"expert":{"cap_warmup_step":10}}}"#;
     let cases = vec![
@@ -825,6 +842,7 @@ fn mor_expert_choice_training_variants() -> Result<()> {
 
 #[test]
 fn mor_token_choice_models() -> Result<()> {
+    single_threaded_ops();
     let mor = |m: &str| model_json(&format!(r#"{MIDDLE3},"mor":{m}"#));
     let cases = vec![
         (
@@ -847,6 +865,7 @@ fn mor_token_choice_models() -> Result<()> {
 
 #[test]
 fn recursive_kv_sharing_models() -> Result<()> {
+    single_threaded_ops();
     let cases = vec![
         (
             "kv sharing, recursive",
@@ -898,6 +917,7 @@ fn layer_params(model: &MorModel) -> BTreeMap<usize, BTreeSet<String>> {
 
 #[test]
 fn shared_layers_are_one_parameter_and_their_gradients_sum_over_uses() -> Result<()> {
+    single_threaded_ops();
     for (sharing, n) in [
         ("cycle", 2),
         ("sequence", 2),
