@@ -141,7 +141,9 @@ impl ExpertChoice {
             DecodeRule::Threshold { threshold } => (main_logits.clone(), threshold),
             DecodeRule::AuxRouter { threshold } => (self.logits(r, &x.detach(), true)?, threshold),
         };
-        let p: Vec<f32> = candle_nn::ops::sigmoid(&logits)?.to_vec1()?;
+        let p: Vec<f32> = candle_nn::ops::sigmoid(&logits)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         Ok(p.iter().map(|&v| f64::from(v) >= threshold).collect())
     }
 
@@ -177,7 +179,8 @@ impl ExpertChoice {
             let chosen = match mode {
                 RouteMode::TopK { step } => {
                     let k = top_k(self.capacity(r, step), t);
-                    let p: Vec<f32> = probs.to_vec1()?;
+                    // Decided in f32 whatever the model dtype (an f64 model routes like its f32 twin).
+                    let p: Vec<f32> = probs.to_dtype(DType::F32)?.to_vec1()?;
                     let mut chosen = vec![false; p.len()];
                     let mut off = 0;
                     for row in &candidates.rows {
