@@ -44,6 +44,13 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     let ctx = model.config().max_position_embeddings;
+    if tokenizer.vocab_size() > model.config().vocab_size {
+        return Err(MorError::Request(format!(
+            "the tokenizer has {} tokens but the model's vocabulary has {}: they do not belong together",
+            tokenizer.vocab_size(),
+            model.config().vocab_size
+        )));
+    }
     let mut prompt_tokens = tokenizer.encode(prompt)?;
     if prompt_tokens.is_empty() {
         prompt_tokens.push(tokenizer.eos_id());

@@ -28,6 +28,8 @@ use crate::train::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, NamedParam};
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Loss-curve plot inside a run directory.
 pub const PLOT_FILE: &str = "loss.png";
+/// Tokenizer file name in corpus and checkpoint directories.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Hyper-parameters of a training run (saved with every checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +146,9 @@ pub struct Trainer {
     state: TrainerState,
     run: CheckpointDir,
     metrics: MetricsWriter,
+    /// The corpus tokenizer (`tokenizer.json` of the data directory), copied into every checkpoint so a checkpoint
+    /// alone is enough to generate.
+    tokenizer: Option<Vec<u8>>,
 }
 
 fn trainable(model: &MorModel) -> Vec<NamedParam> {
@@ -153,6 +158,15 @@ fn trainable(model: &MorModel) -> Vec<NamedParam> {
         .filter(|(name, _)| name.as_str() != BIAS_NAME)
         .map(|(name, var)| NamedParam::new(name.clone(), var.clone()))
         .collect()
+}
+
+/// The tokenizer stored beside a prepared corpus, if any.
+fn read_tokenizer(data_dir: &Path) -> Result<Option<Vec<u8>>> {
+    let p = data_dir.join(TOKENIZER_FILE);
+    if !p.exists() {
+        return Ok(None);
+    }
+    std::fs::read(&p).map(Some).map_err(|e| MorError::io(&p, e))
 }
 
 fn open_data(
@@ -216,6 +230,7 @@ impl Trainer {
             state,
             run,
             metrics,
+            tokenizer: read_tokenizer(data_dir)?,
         })
     }
 
@@ -264,6 +279,7 @@ impl Trainer {
             state,
             run,
             metrics,
+            tokenizer: read_tokenizer(data_dir)?,
         })
     }
 
@@ -299,6 +315,9 @@ impl Trainer {
         let dir = self.run.save(self.state.step as u64, |dir| {
             save_model(dir, &self.model)?;
             save_safetensors_atomic(&dir.join(OPTIMIZER_FILE), opt_state.iter(), None)?;
+            if let Some(t) = &self.tokenizer {
+                crate::checkpoint::io::write_atomic(&dir.join(TOKENIZER_FILE), t)?;
+            }
             write_json_atomic(&dir.join(TRAINER_STATE_FILE), &self.state)
         })?;
         self.plot()?;
