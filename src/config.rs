@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MorError, Result};
+pub use crate::model::sharing::Layout;
 
 /// Parameter-sharing strategy (paper §2.1, Table 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -455,43 +456,6 @@ impl MorConfig {
     }
 }
 
-/// Where each unrolled layer takes its weights from and how recursions are laid out (paper §2.1, spec §1.3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    /// For each unrolled layer, the index of the unrolled layer whose weights it uses (its canonical layer:
-    /// the first unrolled layer with those weights). Vanilla: the identity.
-    pub source: Vec<usize>,
-    /// Unique (non-recursive) layers before the recursion block: 1 for Middle-*, 0 otherwise.
-    pub prefix: usize,
-    /// Layers per recursion (the shared block depth); 0 for vanilla.
-    pub base_depth: usize,
-    /// Number of recursions N_r (1 for vanilla).
-    pub num_recursion: usize,
-}
-
-impl Layout {
-    /// Unrolled layer count.
-    pub fn num_layers(&self) -> usize {
-        self.source.len()
-    }
-    /// Distinct layers (the set of canonical indices), ascending.
-    pub fn unique_layers(&self) -> Vec<usize> {
-        let mut u: Vec<usize> = self.source.clone();
-        u.sort_unstable();
-        u.dedup();
-        u
-    }
-    /// Unrolled layer indices of recursion `r` (0-based), for routed models.
-    pub fn recursion_layers(&self, r: usize) -> std::ops::Range<usize> {
-        let start = self.prefix + r * self.base_depth;
-        start..start + self.base_depth
-    }
-    /// Unrolled layers after the recursion block.
-    pub fn suffix_layers(&self) -> std::ops::Range<usize> {
-        self.prefix + self.num_recursion * self.base_depth..self.num_layers()
-    }
-}
-
 impl ModelConfig {
     /// Head width.
     pub fn head_dim(&self) -> usize {
@@ -529,45 +493,9 @@ impl ModelConfig {
         }
     }
 
-    /// The layer layout implied by `recursion` (spec §1.3). When N_r does not divide the layers the official code
-    /// drops the remainder (spec §10.3); `layout_warning` says so.
+    /// The layer layout implied by `recursion` (see [`crate::model::sharing`]).
     pub fn layout(&self) -> Layout {
-        let l = self.num_hidden_layers;
-        let Some(rec) = &self.recursion else {
-            return Layout {
-                source: (0..l).collect(),
-                prefix: 0,
-                base_depth: 0,
-                num_recursion: 1,
-            };
-        };
-        let n = rec.num_recursion.max(1);
-        let middle = matches!(rec.sharing, Sharing::MiddleCycle | Sharing::MiddleSequence);
-        let prefix = usize::from(middle);
-        let inner = l.saturating_sub(2 * prefix);
-        let bd = inner / n;
-        let unrolled_inner = bd * n;
-        let mut source = Vec::with_capacity(unrolled_inner + 2 * prefix);
-        if middle {
-            source.push(0);
-        }
-        for j in 0..unrolled_inner {
-            // Position of unique layer u within the inner block, expressed as its first unrolled index.
-            let first = match rec.sharing {
-                Sharing::Cycle | Sharing::MiddleCycle => j % bd,
-                Sharing::Sequence | Sharing::MiddleSequence => (j / n) * n,
-            };
-            source.push(prefix + first);
-        }
-        if middle {
-            source.push(prefix + unrolled_inner);
-        }
-        Layout {
-            source,
-            prefix,
-            base_depth: bd,
-            num_recursion: n,
-        }
+        Layout::new(self.recursion.as_ref(), self.num_hidden_layers)
     }
 
     /// A warning when the configured layer count is not a multiple of N_r (spec §10.3), else `None`.
@@ -807,41 +735,6 @@ mod tests {
             j["recursion"] = serde_json::json!({"sharing": s, "num_recursion": n});
         }
         ModelConfig::from_json(&j.to_string()).unwrap()
-    }
-
-    #[test]
-    fn layouts_match_the_official_mappings() {
-        // The mappings recorded in the fixtures README.
-        assert_eq!(
-            base(8, Some((Sharing::MiddleCycle, 3))).layout().source,
-            vec![0, 1, 2, 1, 2, 1, 2, 7]
-        );
-        assert_eq!(
-            base(8, Some((Sharing::Cycle, 2))).layout().source,
-            vec![0, 1, 2, 3, 0, 1, 2, 3]
-        );
-        assert_eq!(
-            base(8, Some((Sharing::Sequence, 2))).layout().source,
-            vec![0, 0, 2, 2, 4, 4, 6, 6]
-        );
-        assert_eq!(
-            base(8, Some((Sharing::MiddleSequence, 3))).layout().source,
-            vec![0, 1, 1, 1, 4, 4, 4, 7]
-        );
-        assert_eq!(base(4, None).layout().source, vec![0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn non_divisible_layers_drop_the_remainder_with_a_warning() {
-        // Spec §1.3: the 135M model (30 layers) with N_r = 3 has 1+9+1 unique and 29 unrolled layers.
-        let c = base(30, Some((Sharing::MiddleCycle, 3)));
-        let l = c.layout();
-        assert_eq!(l.num_layers(), 29);
-        assert_eq!(l.unique_layers().len(), 11);
-        assert!(c.layout_warning().unwrap().contains("11 unique"));
-        assert!(base(32, Some((Sharing::MiddleCycle, 3)))
-            .layout_warning()
-            .is_none());
     }
 
     #[test]

@@ -398,7 +398,7 @@ pub fn verify_reference(dir: &Path) -> Result<VerifyReport> {
                 before,
                 Check::Abs(ATOL),
             )?;
-            model.update_balancing_bias(&tr.counts)?;
+            model.update_balancing_bias(&tr.counts, 0)?;
             compare(
                 &mut rows,
                 "loss_free.router_bias_after",

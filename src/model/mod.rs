@@ -9,6 +9,7 @@ pub mod layers;
 pub mod params;
 pub mod recursion;
 pub mod router;
+pub mod sharing;
 pub mod token_choice;
 
 use std::collections::HashMap;
@@ -459,10 +460,11 @@ impl MorModel {
         })
     }
 
-    /// After an optimizer step: the loss-free balancing bias update (token-choice with `balancing: loss_free`).
-    pub fn update_balancing_bias(&self, counts: &[usize]) -> Result<()> {
+    /// After optimizer step `step`: the loss-free balancing bias update (token-choice with `balancing: loss_free`)
+    /// from the expert loads `counts` of that step.
+    pub fn update_balancing_bias(&self, counts: &[usize], step: usize) -> Result<()> {
         if let Routing::Token(tc) = &self.routing {
-            if let Some(new) = tc.updated_bias(counts)? {
+            if let Some(new) = tc.updated_bias(counts, step)? {
                 self.params.set(token_choice::BIAS_NAME, &new)?;
             }
         }

@@ -168,11 +168,15 @@ impl TokenChoice {
 
     /// Loss-free balancing update after an optimizer step (Wang et al. 2024; official trainer):
     /// ratio_i = count_i / tokens, b_i += u·sign(mean(ratio) − ratio_i). Returns the new bias (`None` without
-    /// loss-free balancing).
-    pub fn updated_bias(&self, counts: &[usize]) -> Result<Option<Tensor>> {
+    /// loss-free balancing). `step` is the optimizer step just taken: during the balancing warm-up the bias stays
+    /// at zero (official `bal_warmup_step`).
+    pub fn updated_bias(&self, counts: &[usize], step: usize) -> Result<Option<Tensor>> {
         let Some(bias) = &self.bias else {
             return Ok(None);
         };
+        if step < self.cfg.bal_warmup_step {
+            return Ok(Some(bias.zeros_like()?));
+        }
         let total: usize = counts.iter().sum::<usize>().max(1);
         let ratio: Vec<f64> = counts.iter().map(|&c| c as f64 / total as f64).collect();
         let mean = ratio.iter().sum::<f64>() / ratio.len() as f64;

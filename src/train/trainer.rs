@@ -426,7 +426,7 @@ impl Trainer {
             tracing::warn!(step, grad_norm, "non-finite gradient norm: step skipped");
         }
         if !counts.is_empty() {
-            self.model.update_balancing_bias(&counts)?;
+            self.model.update_balancing_bias(&counts, step)?;
         }
         self.state.step += 1;
         self.state.tokens += num_items as u64;
