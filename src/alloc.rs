@@ -51,6 +51,17 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
+/// mimalloc v3's `mi_option_purge_delay` (its `mi_option_e` enum has no Rust binding).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keep freed memory mapped instead of returning it to the OS. candle allocates and frees tensors of the same sizes
+/// every step; with purging on, each step re-faults and re-zeroes those pages (measured: ~150× more page faults and
+/// 15–25% slower training steps on this machine).
+pub fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option; valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 /// Bytes currently allocated through [`CountingAlloc`] (0 if it is not the global allocator).
 pub fn current_bytes() -> usize {
     CURRENT.load(Ordering::Relaxed)

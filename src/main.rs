@@ -488,6 +488,7 @@ fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    mor::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
