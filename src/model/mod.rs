@@ -421,36 +421,20 @@ impl MorModel {
         let mut total = lm.clone();
         let l = &out.router_losses;
         let scale = (b * t) as f64 / num_items as f64;
-        match (&self.routing, self.cfg.mor.as_ref()) {
-            (Routing::Expert(_), Some(mor)) => {
-                let ec = self
-                    .cfg
-                    .expert_choice()
-                    .expect("expert routing has its config");
-                if let Some(s) = &l.sampling {
-                    total = (total + (s * (ec.coeff * scale))?)?;
-                }
-                if let Some(a) = &l.aux_router {
-                    // The aux router sees detached inputs, so this term trains only it (official: own backward).
-                    total = (total + (a * scale)?)?;
-                }
-                if let Some(z) = &l.z {
-                    total = (total + (z * (mor.z_coeff * scale))?)?;
-                }
+        // Weighted auxiliary terms (official trainer_pt.py). The aux router sees detached inputs, so its BCE
+        // (weight 1) trains only the aux router, as the official separate backward does.
+        let z_coeff = self.cfg.mor.as_ref().map_or(0.0, |m| m.z_coeff);
+        let sampling_coeff = self.cfg.expert_choice().map_or(0.0, |e| e.coeff);
+        let balancing_coeff = self.cfg.token_choice().map_or(0.0, |t| t.coeff);
+        for (term, coeff) in [
+            (&l.sampling, sampling_coeff),
+            (&l.aux_router, 1.0),
+            (&l.balancing, balancing_coeff),
+            (&l.z, z_coeff),
+        ] {
+            if let Some(x) = term {
+                total = (total + (x * (coeff * scale))?)?;
             }
-            (Routing::Token(_), Some(mor)) => {
-                let tc = self
-                    .cfg
-                    .token_choice()
-                    .expect("token routing has its config");
-                if let Some(bal) = &l.balancing {
-                    total = (total + (bal * (tc.coeff * scale))?)?;
-                }
-                if let Some(z) = &l.z {
-                    total = (total + (z * (mor.z_coeff * scale))?)?;
-                }
-            }
-            _ => {}
         }
         Ok(LossBreakdown {
             lm,

@@ -208,10 +208,7 @@ impl Trainer {
         run_dir: &Path,
     ) -> Result<Self> {
         train.validate()?;
-        let (data, val) = open_data(data_dir, &model, train.seq_len)?;
         let opt = AdamW::new(trainable(&model), train.optimizer)?;
-        let run = CheckpointDir::new(run_dir, train.keep_last)?;
-        let metrics = MetricsWriter::open(run_dir.join(METRICS_FILE), false)?;
         let state = TrainerState {
             step: 0,
             tokens: 0,
@@ -221,24 +218,12 @@ impl Trainer {
             last_val_loss: None,
         };
         write_json_atomic(&run_dir.join("train_config.json"), &train)?;
-        Ok(Trainer {
-            model,
-            opt,
-            train,
-            data,
-            val,
-            state,
-            run,
-            metrics,
-            tokenizer: read_tokenizer(data_dir)?,
-        })
+        Self::assemble(model, opt, state, data_dir, run_dir, false)
     }
 
     /// Continue the run in `run_dir` from its latest checkpoint. `steps` may extend the run.
     pub fn resume(run_dir: &Path, data_dir: &Path, steps: Option<usize>) -> Result<Self> {
-        let run = CheckpointDir::new(run_dir, 1)?;
-        let ckpt = run
-            .latest()
+        let ckpt = crate::checkpoint::latest(run_dir)
             .ok_or_else(|| MorError::checkpoint(run_dir, "no checkpoint to resume from"))?;
         let model = load_model(&ckpt, &candle_core::Device::Cpu)?;
         let state_path = ckpt.join(TRAINER_STATE_FILE);
@@ -257,29 +242,39 @@ impl Trainer {
                 LrSchedule::Constant { .. } => {}
             }
         }
-        let train = state.train.clone();
-        train.validate()?;
-        let (data, val) = open_data(data_dir, &model, train.seq_len)?;
-        let mut opt = AdamW::new(trainable(&model), train.optimizer)?;
+        state.train.validate()?;
+        let mut opt = AdamW::new(trainable(&model), state.train.optimizer)?;
         let opt_state = load_safetensors(&ckpt.join(OPTIMIZER_FILE))?;
         opt.load_state(&opt_state, state.step as u64)?;
         let metrics_path = run_dir.join(METRICS_FILE);
         if metrics_path.exists() {
+            // Records written after the checkpoint belong to steps that will be redone.
             truncate_after_step(&metrics_path, state.step as u64)?;
         }
-        let metrics = MetricsWriter::open(metrics_path, true)?;
-        let run = CheckpointDir::new(run_dir, train.keep_last)?;
         tracing::info!(step = state.step, checkpoint = %ckpt.display(), "resuming");
+        Self::assemble(model, opt, state, data_dir, run_dir, true)
+    }
+
+    fn assemble(
+        model: MorModel,
+        opt: AdamW,
+        state: TrainerState,
+        data_dir: &Path,
+        run_dir: &Path,
+        append_metrics: bool,
+    ) -> Result<Self> {
+        let train = state.train.clone();
+        let (data, val) = open_data(data_dir, &model, train.seq_len)?;
         Ok(Trainer {
+            run: CheckpointDir::new(run_dir, train.keep_last)?,
+            metrics: MetricsWriter::open(run_dir.join(METRICS_FILE), append_metrics)?,
+            tokenizer: read_tokenizer(data_dir)?,
             model,
             opt,
             train,
             data,
             val,
             state,
-            run,
-            metrics,
-            tokenizer: read_tokenizer(data_dir)?,
         })
     }
 
