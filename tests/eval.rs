@@ -320,32 +320,30 @@ fn encode_pair_moves_trailing_space_and_handles_empty_context() {
 #[test]
 fn acc_and_acc_norm_arithmetic() {
     let tok = tokenizer();
-    let d = load(Task::ArcEasy);
-    // Make raw and normalised argmax disagree: candidate lengths differ, so pick values by hand.
-    let ex = build_example(&d, 0, 0, 0);
-    let lens: Vec<f64> = ex.candidates.iter().map(|c| c.norm_bytes as f64).collect();
-    let gold = ex.gold;
-    // Gold has the highest per-byte score but not the highest raw score.
-    let mut answers: Vec<f64> = lens.iter().map(|l| -2.0 * l).collect();
-    answers[gold] = -1.0 * lens[gold];
-    let other = (gold + 1) % lens.len();
-    answers[other] = answers[gold] + 0.5;
-    if answers[other] / lens[other] > answers[gold] / lens[gold] {
-        // Only possible if `other` is much shorter; then raw and norm agree on `other`, so swap roles.
-        answers[other] = answers[gold] - 0.5;
-    }
+    // Raw argmax picks the short choice, the per-byte argmax the long gold one.
+    let cand = |ctx: &str, choice: &str| mor::eval::tasks::Candidate {
+        context: ctx.to_string(),
+        continuation: format!(" {choice}"),
+        norm_bytes: choice.len(),
+    };
+    let ex = mor::eval::tasks::Example {
+        candidates: vec![cand("Thou art", "more temperate"), cand("Thou art", "fair")],
+        gold: 0,
+        greedy: false,
+    };
     let mut stub = Stub {
         seen: vec![],
-        answers: answers.clone(),
+        answers: vec![-7.0, -4.0],
         greedy: false,
     };
     let r = score_example(&mut stub, &tok, &ex).unwrap();
-    let raw_best = mor::eval::harness::argmax(&answers);
-    let norm: Vec<f64> = answers.iter().zip(&lens).map(|(a, l)| a / l).collect();
-    assert_eq!(r.correct, raw_best == gold);
-    assert_eq!(r.correct_norm, mor::eval::harness::argmax(&norm) == gold);
+    // -7/14 = -0.5 beats -4/4 = -1 after normalisation; -4 beats -7 raw.
+    assert!(!r.correct);
     assert!(r.correct_norm);
-    assert_eq!(r.logprobs, answers);
+    assert_eq!(r.logprobs, vec![-7.0, -4.0]);
+    stub.answers = vec![-3.0, -4.0];
+    let r = score_example(&mut stub, &tok, &ex).unwrap();
+    assert!(r.correct && r.correct_norm);
 
     // Aggregation: 3 of 4 right, 1 of 4 right when normalised.
     let res = |c: bool, n: bool| ExampleResult {
@@ -830,4 +828,88 @@ fn make_samples() {
     );
     gz.write_all(head.as_bytes()).unwrap();
     gz.finish().unwrap();
+}
+
+#[test]
+fn cli_writes_reports_next_to_the_checkpoint() {
+    use mor::eval::cli::{DepthArgs, LossArgs, ModelArgs, RoutingChoice, TasksArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let model = MorModel::new(&tiny(EXPERT, 256), &Device::Cpu, 9).unwrap();
+    mor::checkpoint::save_model(&ckpt, &model).unwrap();
+    tokenizer().save(ckpt.join("tokenizer.json")).unwrap();
+    let margs = ModelArgs {
+        checkpoint: ckpt.clone(),
+        tokenizer: None,
+        routing: RoutingChoice::Both,
+        out: None,
+    };
+    let all = mor::eval::cli::run_tasks(&TasksArgs {
+        model: margs.clone(),
+        tasks: "all".into(),
+        shots: 1,
+        seed: 1,
+        limit: Some(2),
+        data_dir: sample_dir(),
+        quiet: true,
+    })
+    .unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].0, "top-k");
+    assert!(all
+        .iter()
+        .all(|(_, r)| r.len() == 8 && r.iter().all(|t| t.n == 2)));
+    let js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("eval/tasks-1shot.json")).unwrap())
+            .unwrap();
+    assert_eq!(js["results"][1]["routing"], "causal");
+    assert!(std::fs::read_to_string(ckpt.join("eval/tasks-1shot.md"))
+        .unwrap()
+        .contains("| winogrande | 1 | 2 |"));
+
+    let loss = mor::eval::cli::run_loss(&LossArgs {
+        model: margs.clone(),
+        inputs: vec![root().join("tests/data/sonnets.txt")],
+        window: 64,
+        stride: None,
+        batch: 2,
+        max_windows: Some(3),
+        field: "text".into(),
+        quiet: true,
+    })
+    .unwrap();
+    assert_eq!(loss.len(), 2);
+    assert!(loss[0].2.sampling_accuracy.is_some() && loss[1].2.sampling_accuracy.is_none());
+    assert!(ckpt.join("eval/loss.json").exists());
+    // The scratch token file is removed.
+    let left: Vec<_> = std::fs::read_dir(ckpt.join("eval"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tokens"))
+        .collect();
+    assert!(left.is_empty());
+
+    let paths = mor::eval::cli::run_depth(&DepthArgs {
+        model: margs.clone(),
+        passage: Some("Shall I compare thee".into()),
+        passage_file: None,
+    })
+    .unwrap();
+    assert_eq!(paths.len(), 2);
+
+    // Unknown task and missing data fail before any scoring.
+    let mut bad = TasksArgs {
+        model: margs,
+        tasks: "piqa,nope".into(),
+        shots: 0,
+        seed: 1,
+        limit: None,
+        data_dir: sample_dir(),
+        quiet: true,
+    };
+    assert!(mor::eval::cli::run_tasks(&bad).is_err());
+    bad.tasks = "piqa".into();
+    bad.data_dir = dir.path().join("nowhere");
+    let e = mor::eval::cli::run_tasks(&bad).unwrap_err().to_string();
+    assert!(e.contains("fetch_eval_data.sh"), "{e}");
 }
