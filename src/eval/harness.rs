@@ -127,6 +127,9 @@ impl<'a> ModelScorer<'a> {
 
 impl Scorer for ModelScorer<'_> {
     fn score(&mut self, requests: &[Request]) -> Result<Vec<LogLik>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
         let max = self.model.config().max_position_embeddings;
         // lm-eval: inp = (context + continuation)[-(max_len + 1):][:-1]; the continuation's predictions are the
         // last len(continuation) positions of the input.
