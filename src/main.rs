@@ -48,6 +48,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Evaluation: loss / bits per byte, downstream tasks, routing depth pictures.
+    #[command(subcommand)]
+    Eval(mor::eval::cli::EvalCommand),
 }
 
 #[derive(Args)]
@@ -565,6 +568,7 @@ fn main() -> Result<()> {
             };
             println!("{}", mor::bench::bench_train(&o)?);
         }
+        Command::Eval(c) => mor::eval::cli::run(&c)?,
     }
     Ok(())
 }
