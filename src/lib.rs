@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod flops;
 pub mod generate;
+pub mod gguf;
 pub mod metrics;
 pub mod model;
 pub mod official;
@@ -17,6 +18,7 @@ pub mod plot;
 pub mod presets;
 pub mod sampling;
 pub mod train;
+pub mod uptrain;
 pub mod verify;
 
 pub use config::ModelConfig;
