@@ -227,7 +227,10 @@ impl GgufFile {
                 )));
             }
         }
-        if self.content.metadata.contains_key("llama.rope.scaling.type")
+        if self
+            .content
+            .metadata
+            .contains_key("llama.rope.scaling.type")
             && self.string("llama.rope.scaling.type")? != "none"
         {
             return Err(self.err("llama.rope.scaling.type: RoPE scaling is not supported"));
@@ -371,9 +374,9 @@ impl GgufFile {
                 .iter()
                 .map(|v| match v {
                     Value::I32(x) => Ok(*x),
-                    other => value_as_u64(other).map(|x| x as i32).ok_or_else(|| {
-                        self.err("tokenizer.ggml.token_type: expected integers")
-                    }),
+                    other => value_as_u64(other)
+                        .map(|x| x as i32)
+                        .ok_or_else(|| self.err("tokenizer.ggml.token_type: expected integers")),
                 })
                 .collect::<Result<_>>()?,
             None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
@@ -389,9 +392,7 @@ impl GgufFile {
         let mut added = Vec::new();
         for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
             let Value::String(s) = tok else {
-                return Err(self.err(format!(
-                    "tokenizer.ggml.tokens[{id}]: expected a string"
-                )));
+                return Err(self.err(format!("tokenizer.ggml.tokens[{id}]: expected a string")));
             };
             if vocab.insert(s.clone(), json!(id)).is_some() {
                 return Err(self.err(format!(
@@ -536,7 +537,10 @@ pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path)
         tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
         Ok(())
     };
-    push("token_embd.weight".into(), get("model.embed_tokens.weight")?)?;
+    push(
+        "token_embd.weight".into(),
+        get("model.embed_tokens.weight")?,
+    )?;
     push("output_norm.weight".into(), get("model.norm.weight")?)?;
     if !cfg.tie_word_embeddings {
         push("output.weight".into(), get("lm_head.weight")?)?;
@@ -594,8 +598,7 @@ pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path)
     let file = File::create(path).map_err(|e| MorError::io(path, e))?;
     let mut w = BufWriter::new(file);
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> =
-        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut w, &meta_refs, &tensor_refs)
         .map_err(|e| MorError::checkpoint(path, format!("writing GGUF: {e}")))?;
     use std::io::Write;
@@ -604,9 +607,8 @@ pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path)
 
 /// `tokenizer.ggml.*` entries for a byte-level BPE tokenizer.
 fn tokenizer_metadata(tok: &Tokenizer, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
-    let j: serde_json::Value = serde_json::from_str(&tok.to_json()?).map_err(|e| {
-        MorError::Data(format!("tokenizer JSON: {e}"))
-    })?;
+    let j: serde_json::Value = serde_json::from_str(&tok.to_json()?)
+        .map_err(|e| MorError::Data(format!("tokenizer JSON: {e}")))?;
     let model = &j["model"];
     if model["type"] != "BPE" {
         return Err(MorError::Data(
@@ -694,7 +696,12 @@ mod tests {
             .unwrap()
             .reshape((8, 1))
             .unwrap();
-        let p: Vec<f32> = permute_qk(&w, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let p: Vec<f32> = permute_qk(&w, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // HF row j·2 + i → GGUF row 2i + j within each head.
         assert_eq!(p, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
         let back: Vec<f32> = unpermute_qk(&permute_qk(&w, 2).unwrap(), 2)

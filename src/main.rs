@@ -385,7 +385,10 @@ fn load_pretrained(path: &Path) -> Result<(MorModel, Option<Tokenizer>)> {
     let model = load_model(&dir, &candle_core::Device::Cpu)
         .with_context(|| format!("loading {}", dir.display()))?;
     let tok = dir.join("tokenizer.json");
-    let tok = tok.exists().then(|| Tokenizer::from_file(&tok)).transpose()?;
+    let tok = tok
+        .exists()
+        .then(|| Tokenizer::from_file(&tok))
+        .transpose()?;
     Ok((model, tok))
 }
 
@@ -684,7 +687,10 @@ fn main() -> Result<()> {
             let dir = resolve_checkpoint(&a.checkpoint);
             let model = load_model(&dir, &candle_core::Device::Cpu)
                 .with_context(|| format!("loading {}", dir.display()))?;
-            let tok_path = a.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
+            let tok_path = a
+                .tokenizer
+                .clone()
+                .unwrap_or_else(|| dir.join("tokenizer.json"));
             let tok = tok_path
                 .exists()
                 .then(|| Tokenizer::from_file(&tok_path))

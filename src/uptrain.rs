@@ -19,7 +19,7 @@
 //!      r < N_r; Middle-Sequence: 1 + i·N_r + r) — official `average_initialize`;
 //!    - `lower`: position p + i (the bd lowest shareable layers);
 //!    - `upper`: position L' − p − bd + i (the bd highest shareable layers);
-//!    - `random`: the i-th smallest of bd positions drawn without replacement from p..L'−p (official: 
+//!    - `random`: the i-th smallest of bd positions drawn without replacement from p..L'−p (official:
 //!      `np.random.choice`; here seeded). Note that this selects random *pretrained layers*, as the official
 //!      code does; scratch training (fresh weights) is simply `mor train` without up-training.
 
@@ -296,7 +296,10 @@ mod tests {
     }
 
     fn uptrain(src: &MorModel, sharing: Sharing, n: usize, init: Initialization) -> MorModel {
-        let cfg = uptrain_config(src.config(), sharing, n, init, Some(MorConfig::expert())).unwrap();
+        // Routing needs a block applied N_r times; sequence-type sharing becomes a plain recursive model.
+        let routing =
+            matches!(sharing, Sharing::Cycle | Sharing::MiddleCycle).then(MorConfig::expert);
+        let cfg = uptrain_config(src.config(), sharing, n, init, routing).unwrap();
         uptrain_model(src, &cfg, 3).unwrap()
     }
 
@@ -333,7 +336,10 @@ mod tests {
         assert_eq!(k.len(), 29);
         assert!(k.windows(2).all(|p| p[0] < p[1]));
         assert_eq!((k[0], k[1], k[27], k[28]), (0, 1, 28, 29));
-        assert_eq!(kept_layers(8, Sharing::MiddleCycle, 3), (0..8).collect::<Vec<_>>());
+        assert_eq!(
+            kept_layers(8, Sharing::MiddleCycle, 3),
+            (0..8).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -368,7 +374,10 @@ mod tests {
         let a = source_assignment(&cfg, 8, 3).unwrap();
         assert_eq!(a, source_assignment(&cfg, 8, 3).unwrap());
         let (s1, s2) = (a[1].1[0], a[2].1[0]);
-        assert!(s1 < s2 && (1..7).contains(&s1) && (1..7).contains(&s2), "{a:?}");
+        assert!(
+            s1 < s2 && (1..7).contains(&s1) && (1..7).contains(&s2),
+            "{a:?}"
+        );
         let up = uptrain_model(&src, &cfg, 3).unwrap();
         assert_source(&up, &src, 1, &[s1]);
         // Middle-Sequence average: positions 1 + i·N_r + r.
@@ -398,14 +407,21 @@ mod tests {
     #[test]
     fn one_recursion_lower_is_the_source_model_and_bad_targets_are_refused() {
         let src = vanilla(4);
-        let cfg = uptrain_config(src.config(), Sharing::Cycle, 1, Initialization::Lower, None)
-            .unwrap();
+        let cfg =
+            uptrain_config(src.config(), Sharing::Cycle, 1, Initialization::Lower, None).unwrap();
         let up = uptrain_model(&src, &cfg, 0).unwrap();
         let ids = Tensor::new(&[[1u32, 5, 9, 2, 33]], &Device::Cpu).unwrap();
         let opts = crate::model::ForwardOptions::eval();
         let a = src.forward(&ids, &opts).unwrap().logits;
         let b = up.forward(&ids, &opts).unwrap().logits;
-        let d: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(d, 0.0);
         let mut wide = cfg.clone();
         wide.hidden_size = 32;

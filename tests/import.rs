@@ -29,8 +29,9 @@ fn real_file() -> Option<PathBuf> {
 
 /// A byte-level BPE tokenizer: EOS, the 256 byte symbols and two merges.
 fn tiny_tokenizer() -> Tokenizer {
-    let mut alphabet: Vec<char> =
-        tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
     alphabet.sort_unstable();
     let mut vocab = serde_json::Map::new();
     vocab.insert("<|endoftext|>".into(), 0.into());
@@ -83,7 +84,11 @@ fn tiny_model(tied: bool, seed: u64) -> MorModel {
 
 fn logits(m: &MorModel, ids: &[u32]) -> Tensor {
     let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
-    m.forward(&x, &ForwardOptions::eval()).unwrap().logits.i(0).unwrap()
+    m.forward(&x, &ForwardOptions::eval())
+        .unwrap()
+        .logits
+        .i(0)
+        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -155,14 +160,22 @@ fn export_import_round_trip_is_exact_and_matches_an_independent_llama() {
         let cfg = f.config().unwrap();
         let store = f.params(&cfg, &Device::Cpu).unwrap();
         let raw = mor::gguf::permute_qk(
-            store.get("model.layers.1.self_attn.q_proj.weight").unwrap().as_tensor(),
+            store
+                .get("model.layers.1.self_attn.q_proj.weight")
+                .unwrap()
+                .as_tensor(),
             4,
         )
         .unwrap();
-        store.set("model.layers.1.self_attn.q_proj.weight", &raw).unwrap();
+        store
+            .set("model.layers.1.self_attn.q_proj.weight", &raw)
+            .unwrap();
         let broken = MorModel::from_params(&cfg, store).unwrap();
         let bad = max_abs_diff(&logits(&broken, &ids).i(ids.len() - 1).unwrap(), &theirs);
-        assert!(bad > 100.0 * diff.max(1e-6), "permutation undetected: {bad} vs {diff}");
+        assert!(
+            bad > 100.0 * diff.max(1e-6),
+            "permutation undetected: {bad} vs {diff}"
+        );
     }
 }
 
@@ -230,9 +243,14 @@ fn bad_files_fail_with_the_tensor_or_field_named() {
         "{e}"
     );
 
-    write_edited(&p, |m, _| m.retain(|(k, _)| k != "llama.feed_forward_length"));
+    write_edited(&p, |m, _| {
+        m.retain(|(k, _)| k != "llama.feed_forward_length")
+    });
     let e = import_err(&p);
-    assert!(e.contains("missing metadata field llama.feed_forward_length"), "{e}");
+    assert!(
+        e.contains("missing metadata field llama.feed_forward_length"),
+        "{e}"
+    );
 
     write_edited(&p, |m, _| {
         for (k, v) in m.iter_mut() {
@@ -269,7 +287,10 @@ fn bad_files_fail_with_the_tensor_or_field_named() {
     let bytes = std::fs::read(&good).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
     let e = import_err(&p);
-    assert!(e.contains("truncated file: tensor ") && e.contains("needs bytes up to"), "{e}");
+    assert!(
+        e.contains("truncated file: tensor ") && e.contains("needs bytes up to"),
+        "{e}"
+    );
     // Cut inside the header.
     std::fs::write(&p, &bytes[..200]).unwrap();
     assert!(import_err(&p).contains("not a readable GGUF file"));
@@ -277,6 +298,14 @@ fn bad_files_fail_with_the_tensor_or_field_named() {
     assert!(import_err(&p).contains("not a readable GGUF file"));
     assert!(import_err(&dir.path().join("absent.gguf")).contains("absent.gguf"));
 }
+
+/// A public-domain passage in modern English (US Declaration of Independence, 1776).
+const DECLARATION: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the \
+political bands which have connected them with another, and to assume among the powers of the earth, the separate \
+and equal station to which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of \
+mankind requires that they should declare the causes which impel them to the separation. We hold these truths to be \
+self-evident, that all men are created equal, that they are endowed by their Creator with certain unalienable \
+Rights, that among these are Life, Liberty and the pursuit of Happiness.";
 
 /// Mean next-token NLL of `ids` under `m`.
 fn mean_nll(m: &MorModel, ids: &[u32]) -> f64 {
@@ -292,7 +321,11 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     let mut f = GgufFile::open(&path).unwrap();
     let cfg = f.config().unwrap();
     assert_eq!(
-        (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size),
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size
+        ),
         (30, 576, 1536)
     );
     assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads), (9, 3));
@@ -316,7 +349,13 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     for (dequantize, tol) in [(true, 2e-3f32), (false, f32::INFINITY)] {
         let theirs = reference_logits(&path, &ids, dequantize);
         let diff = max_abs_diff(&ours, &theirs);
-        let scale = theirs.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = theirs
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         println!(
             "vs candle-transformers quantized_llama ({}): max |Δlogit| = {diff:.2e} (max |logit| {scale:.1}); top-1 {} / {}",
             if dequantize { "dequantized f32 matmuls" } else { "quantized Q4_1×Q8_1 matmuls" },
@@ -331,22 +370,42 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sonnets.txt"),
     )
     .unwrap();
-    let ids: Vec<u32> = tok.encode(&passage).unwrap().into_iter().take(256).collect();
+    let ids: Vec<u32> = tok
+        .encode(&passage)
+        .unwrap()
+        .into_iter()
+        .take(256)
+        .collect();
     let nll = mean_nll(&model, &ids);
     println!(
         "perplexity on the first {} tokens of tests/data/sonnets.txt: {:.2} (NLL {nll:.4})",
         ids.len(),
         nll.exp()
     );
-    assert!(nll.exp() < 60.0, "perplexity {}", nll.exp());
+    // Early-modern verse is hard for a 135M model; the bound only catches a broken import (ppl in the thousands).
+    assert!(nll.exp() < 100.0, "perplexity {}", nll.exp());
+    let ids = tok.encode(DECLARATION).unwrap();
+    let nll = mean_nll(&model, &ids);
+    println!(
+        "perplexity on the opening of the US Declaration of Independence ({} tokens): {:.2} (NLL {nll:.4})",
+        ids.len(),
+        nll.exp()
+    );
+    assert!(nll.exp() < 20.0, "perplexity {}", nll.exp());
 
     let params = mor::sampling::SamplingParams {
         temperature: 0.0,
         max_new_tokens: 24,
         ..Default::default()
     };
-    let g = mor::generate::generate(&model, &tok, "The capital of France is", &params, &mut |_| {})
-        .unwrap();
+    let g = mor::generate::generate(
+        &model,
+        &tok,
+        "The capital of France is",
+        &params,
+        &mut |_| {},
+    )
+    .unwrap();
     println!("greedy: The capital of France is{}", g.text);
     assert!(g.text.contains("Paris"), "{:?}", g.text);
 }
