@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod flops;
 pub mod generate;
+pub mod gguf;
 pub mod metrics;
 pub mod model;
 pub mod official;
@@ -18,6 +19,7 @@ pub mod plot;
 pub mod presets;
 pub mod sampling;
 pub mod train;
+pub mod uptrain;
 pub mod verify;
 
 pub use config::ModelConfig;

@@ -51,6 +51,62 @@ enum Command {
     /// Evaluation: loss / bits per byte, downstream tasks, routing depth pictures.
     #[command(subcommand)]
     Eval(mor::eval::cli::EvalCommand),
+    /// Import a GGUF file (llama.cpp) as a mor checkpoint directory with its tokenizer.json.
+    Import(ImportArgs),
+    /// Export a checkpoint: Hugging Face layout (any model) or GGUF (vanilla models).
+    Export(ExportArgs),
+    /// Up-train a pretrained vanilla model (GGUF or checkpoint) into a recursive / MoR model, then train it.
+    Uptrain(UptrainArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// GGUF file.
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Output checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Checkpoint directory or run directory (latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output: a directory for `hf`, a file for `gguf`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Format: hf or gguf.
+    #[arg(long, default_value = "hf")]
+    format: String,
+    /// tokenizer.json to include (default: the checkpoint's, if any).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UptrainArgs {
+    /// Pretrained vanilla model: a .gguf file or a checkpoint directory.
+    #[arg(long)]
+    from: PathBuf,
+    /// Sharing strategy: cycle, sequence, middle_cycle, middle_sequence.
+    #[arg(long, default_value = "middle_cycle")]
+    sharing: String,
+    /// Number of recursions N_r.
+    #[arg(long, default_value_t = 3)]
+    num_recursion: usize,
+    /// Initialisation of the shared layers: stepwise, average, lower, upper, random.
+    #[arg(long, default_value = "stepwise")]
+    init: String,
+    /// Routing: none (recursive model), expert or token (MoR, the paper's final recipes).
+    #[arg(long, default_value = "expert")]
+    routing: String,
+    /// Only write the initialised model to --out/init and stop.
+    #[arg(long)]
+    init_only: bool,
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 #[derive(Args)]
@@ -316,8 +372,82 @@ fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
     })
 }
 
+/// A serde enum from its snake_case name, for CLI flags.
+fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, s: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| anyhow::anyhow!("--{flag} {s:?} is not a valid value"))
+}
+
+/// A pretrained model and (if available) its tokenizer: a GGUF file or a checkpoint directory.
+fn load_pretrained(path: &Path) -> Result<(MorModel, Option<Tokenizer>)> {
+    if path.is_file() {
+        let (m, t) = mor::gguf::import_gguf(path, &candle_core::Device::Cpu)?;
+        return Ok((m, Some(t)));
+    }
+    let dir = resolve_checkpoint(path);
+    let model = load_model(&dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tok = dir.join("tokenizer.json");
+    let tok = tok
+        .exists()
+        .then(|| Tokenizer::from_file(&tok))
+        .transpose()?;
+    Ok((model, tok))
+}
+
+fn run_uptrain(a: &UptrainArgs) -> Result<()> {
+    if a.train.config.is_some() || a.train.preset.is_some() {
+        bail!("uptrain derives the model from --from; do not give --config or --preset");
+    }
+    if a.train.resume {
+        run_train(&a.train)?;
+        return Ok(());
+    }
+    let (source, _) = load_pretrained(&a.from)?;
+    let mor_cfg = match a.routing.as_str() {
+        "none" => None,
+        "expert" => Some(mor::config::MorConfig::expert()),
+        "token" => Some(mor::config::MorConfig::token()),
+        other => bail!("--routing {other:?}: use none, expert or token"),
+    };
+    let target = mor::uptrain::uptrain_config(
+        source.config(),
+        parse_enum("sharing", &a.sharing)?,
+        a.num_recursion,
+        parse_enum("init", &a.init)?,
+        mor_cfg,
+    )?;
+    if let Some(w) = target.layout_warning() {
+        tracing::warn!("{w}");
+    }
+    let model = mor::uptrain::uptrain_model(&source, &target, a.train.seed)?;
+    println!(
+        "up-trained {} -> {} ({:.2}M parameters, init {})",
+        source.config().variant_name(),
+        target.variant_name(),
+        model.params().num_scalars() as f64 / 1e6,
+        a.init
+    );
+    if a.init_only {
+        let dir = a.train.out.join("init");
+        mor::checkpoint::save_model(&dir, &model)?;
+        println!("wrote {}", dir.display());
+        return Ok(());
+    }
+    let mut args = a.train.clone();
+    // Pretrained contexts can be long (8192 for SmolLM2); train on at most 2048 unless asked.
+    args.seq_len = Some(
+        args.seq_len
+            .unwrap_or(target.max_position_embeddings.min(2048)),
+    );
+    let train = train_config(&args, &target)?;
+    let trainer = Trainer::new(model, train, &args.data, &args.out)?;
+    finish_training(trainer, &args)?;
+    Ok(())
+}
+
 fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
-    let mut trainer = if a.resume {
+    let trainer = if a.resume {
         Trainer::resume(
             &a.out,
             &a.data,
@@ -339,6 +469,13 @@ fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
         );
         Trainer::new(model, train, &a.data, &a.out)?
     };
+    finish_training(trainer, a)
+}
+
+fn finish_training(
+    mut trainer: Trainer,
+    a: &TrainArgs,
+) -> Result<mor::train::trainer::TrainSummary> {
     let summary = trainer.run(!a.quiet)?;
     println!(
         "done: {} steps, {} tokens, {:.0} tokens/s; checkpoint {}",
@@ -538,6 +675,43 @@ fn main() -> Result<()> {
             }
             println!("all {} quantities within tolerance", report.rows.len());
         }
+        Command::Import(a) => {
+            let (model, tok) = mor::gguf::import_gguf(&a.gguf, &candle_core::Device::Cpu)?;
+            mor::checkpoint::save_model(&a.out, &model)?;
+            tok.save(a.out.join("tokenizer.json"))?;
+            println!(
+                "imported {} ({:.2}M parameters, vocabulary {}) to {}",
+                model.config().variant_name(),
+                model.params().num_scalars() as f64 / 1e6,
+                tok.vocab_size(),
+                a.out.display()
+            );
+        }
+        Command::Export(a) => {
+            let dir = resolve_checkpoint(&a.checkpoint);
+            let model = load_model(&dir, &candle_core::Device::Cpu)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            let tok_path = a
+                .tokenizer
+                .clone()
+                .unwrap_or_else(|| dir.join("tokenizer.json"));
+            let tok = tok_path
+                .exists()
+                .then(|| Tokenizer::from_file(&tok_path))
+                .transpose()?;
+            match a.format.as_str() {
+                "hf" => {
+                    mor::checkpoint::save_model(&a.out, &model)?;
+                    if let Some(t) = &tok {
+                        t.save(a.out.join("tokenizer.json"))?;
+                    }
+                }
+                "gguf" => mor::gguf::export_gguf(&model, tok.as_ref(), &a.out)?,
+                other => bail!("--format {other:?}: use hf or gguf"),
+            }
+            println!("wrote {}", a.out.display());
+        }
+        Command::Uptrain(a) => run_uptrain(&a)?,
         Command::Flops(a) => {
             if a.list {
                 for p in mor::presets::preset_names() {

@@ -1,0 +1,716 @@
+//! GGUF (llama.cpp) import and export of vanilla Llama models.
+//!
+//! Import reads the `llama.*` metadata into a [`ModelConfig`], dequantizes every tensor to f32 (candle handles
+//! F32/F16/BF16 and the Q4/Q5/Q8/K quantizations), renames llama.cpp tensors to the Hugging Face names mor uses,
+//! undoes llama.cpp's q/k row permutation, and rebuilds the byte-level BPE tokenizer from
+//! `tokenizer.ggml.*`, so a GGUF file alone runs the model.
+//!
+//! The q/k permutation: llama.cpp's HF converter reorders the rows of each q/k head from the HF "rotate half"
+//! layout (first half of the head's rows = real parts, second half = imaginary parts) to the interleaved layout
+//! its RoPE kernel expects: HF row `h·hd + j·hd/2 + i` (j ∈ {0,1}, i < hd/2) becomes GGUF row `h·hd + 2i + j`.
+//! [`unpermute_qk`] is the inverse, [`permute_qk`] the forward map; the tests check both against an independent
+//! implementation that uses the interleaved RoPE on the permuted weights.
+//!
+//! Export ([`export_gguf`]) writes a vanilla model as an F32 GGUF with the same conventions (and, if given, the
+//! tokenizer), so llama.cpp-family tools can read mor checkpoints.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::config::ModelConfig;
+use crate::data::Tokenizer;
+use crate::error::{MorError, Result};
+use crate::model::params::ParamStore;
+use crate::model::MorModel;
+
+/// An opened GGUF file: its parsed header (metadata and tensor directory) and a reader for tensor data.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.content.tensor_infos.len())
+            .field("metadata", &self.content.metadata.len())
+            .finish()
+    }
+}
+
+/// The per-layer tensors: (llama.cpp suffix, HF suffix).
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// llama.cpp token types (`tokenizer.ggml.token_type`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+impl GgufFile {
+    /// Parse the header of `path` and check that every tensor's data lies inside the file (so a truncated download
+    /// fails here, naming the first tensor that is cut off, instead of half-way through loading).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| MorError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| MorError::io(path, e))?.len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| {
+            MorError::checkpoint(
+                path,
+                format!("not a readable GGUF file (truncated or corrupt header?): {e}"),
+            )
+        })?;
+        let mut infos: Vec<(&String, &gguf_file::TensorInfo)> =
+            content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, i)| i.offset);
+        for (name, info) in infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if !elems.is_multiple_of(block) {
+                return Err(MorError::checkpoint(
+                    path,
+                    format!(
+                        "tensor {name}: {elems} elements is not a multiple of the {:?} block size {block}",
+                        info.ggml_dtype
+                    ),
+                ));
+            }
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > file_len {
+                return Err(MorError::checkpoint(
+                    path,
+                    format!(
+                        "truncated file: tensor {name} needs bytes up to {end}, the file has {file_len}"
+                    ),
+                ));
+            }
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All metadata entries.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// Tensor names in the file, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn err(&self, msg: impl Into<String>) -> MorError {
+        MorError::checkpoint(&self.path, msg)
+    }
+
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| self.err(format!("missing metadata field {key}")))
+    }
+
+    /// An integer metadata field of any integer type.
+    fn uint(&self, key: &str) -> Result<u64> {
+        let v = self.get(key)?;
+        value_as_u64(v).ok_or_else(|| {
+            self.err(format!(
+                "metadata field {key}: expected a non-negative integer, found {v:?}"
+            ))
+        })
+    }
+
+    fn opt_uint(&self, key: &str) -> Result<Option<u64>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(_) => self.uint(key).map(Some),
+        }
+    }
+
+    fn float(&self, key: &str) -> Result<f64> {
+        match self.get(key)? {
+            Value::F32(x) => Ok(f64::from(*x)),
+            Value::F64(x) => Ok(*x),
+            v => value_as_u64(v).map(|x| x as f64).ok_or_else(|| {
+                self.err(format!(
+                    "metadata field {key}: expected a number, found {v:?}"
+                ))
+            }),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<&str> {
+        match self.get(key)? {
+            Value::String(s) => Ok(s),
+            v => Err(self.err(format!(
+                "metadata field {key}: expected a string, found {:?}",
+                v.value_type()
+            ))),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<&Vec<Value>> {
+        match self.get(key)? {
+            Value::Array(a) => Ok(a),
+            v => Err(self.err(format!(
+                "metadata field {key}: expected an array, found {:?}",
+                v.value_type()
+            ))),
+        }
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|i| i.shape.dims().to_vec())
+    }
+
+    /// The model configuration from the `llama.*` metadata (a vanilla model: no recursion, no routing).
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.string("general.architecture")?;
+        if arch != "llama" {
+            return Err(self.err(format!(
+                "general.architecture = {arch:?}: only llama models are supported"
+            )));
+        }
+        let n = |k: &str| -> Result<usize> { Ok(self.uint(&format!("llama.{k}"))? as usize) };
+        let d = n("embedding_length")?;
+        let heads = n("attention.head_count")?;
+        let kv_heads = match self.opt_uint("llama.attention.head_count_kv")? {
+            Some(k) => k as usize,
+            None => heads,
+        };
+        if heads == 0 || kv_heads == 0 {
+            return Err(self.err("llama.attention.head_count(_kv) must be positive"));
+        }
+        let head_dim = match self.opt_uint("llama.attention.key_length")? {
+            Some(k) => k as usize,
+            None => d / heads,
+        };
+        if let Some(r) = self.opt_uint("llama.rope.dimension_count")? {
+            if r as usize != head_dim {
+                return Err(self.err(format!(
+                    "llama.rope.dimension_count = {r} differs from head_dim = {head_dim}: partial RoPE is not supported"
+                )));
+            }
+        }
+        if self
+            .content
+            .metadata
+            .contains_key("llama.rope.scaling.type")
+            && self.string("llama.rope.scaling.type")? != "none"
+        {
+            return Err(self.err("llama.rope.scaling.type: RoPE scaling is not supported"));
+        }
+        if self.content.metadata.contains_key("llama.expert_count")
+            && self.uint("llama.expert_count")? > 0
+        {
+            return Err(self.err("llama.expert_count: mixture-of-experts models are not supported"));
+        }
+        let embd = self
+            .dims("token_embd.weight")
+            .ok_or_else(|| self.err("missing tensor token_embd.weight"))?;
+        let vocab = match self.opt_uint("llama.vocab_size")? {
+            Some(v) => v as usize,
+            None => embd[0],
+        };
+        let rope_theta = if self.content.metadata.contains_key("llama.rope.freq_base") {
+            self.float("llama.rope.freq_base")?
+        } else {
+            10000.0
+        };
+        let rms = self.float("llama.attention.layer_norm_rms_epsilon")?;
+        let ctx = match self.opt_uint("llama.context_length")? {
+            Some(c) => c as usize,
+            None => 2048,
+        };
+        let tok = |k: &str| -> Result<Option<u32>> {
+            Ok(self
+                .opt_uint(&format!("tokenizer.ggml.{k}"))?
+                .map(|x| x as u32))
+        };
+        let cfg = serde_json::json!({
+            "vocab_size": vocab,
+            "hidden_size": d,
+            "intermediate_size": n("feed_forward_length")?,
+            "num_hidden_layers": n("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "rms_norm_eps": rms,
+            "rope_theta": rope_theta,
+            "max_position_embeddings": ctx,
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "bos_token_id": tok("bos_token_id")?,
+            "eos_token_id": tok("eos_token_id")?,
+            "pad_token_id": tok("padding_token_id")?,
+        });
+        ModelConfig::from_json(&cfg.to_string()).map_err(|e| self.err(e.to_string()))
+    }
+
+    /// Read tensor `name` dequantized to f32, checking its shape (HF [out, in] order) against `shape`.
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let dims = self
+            .dims(name)
+            .ok_or_else(|| self.err(format!("missing tensor {name}")))?;
+        if dims != shape {
+            return Err(self.err(format!(
+                "tensor {name}: expected shape {shape:?}, found {dims:?}"
+            )));
+        }
+        let q: QTensor = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| MorError::checkpoint(&self.path, format!("reading tensor {name}: {e}")))?;
+        let dtype = q.dtype();
+        q.dequantize(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| {
+                MorError::checkpoint(
+                    &self.path,
+                    format!("tensor {name}: cannot dequantize {dtype:?}: {e}"),
+                )
+            })
+    }
+
+    /// All weights as f32 under mor's (HF Llama) names, with q/k rows restored to the HF layout.
+    pub fn params(&mut self, cfg: &ModelConfig, device: &Device) -> Result<ParamStore> {
+        let d = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv, ffn) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        let mut store = ParamStore::new(device, 0);
+        let embed = self.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?;
+        store.insert("model.embed_tokens.weight", &embed)?;
+        let norm = self.tensor_f32("output_norm.weight", &[d])?;
+        store.insert("model.norm.weight", &norm)?;
+        if !cfg.tie_word_embeddings {
+            let head = self.tensor_f32("output.weight", &[cfg.vocab_size, d])?;
+            store.insert("lm_head.weight", &head)?;
+        }
+        for l in 0..cfg.num_hidden_layers {
+            for (g, hf) in LAYER_TENSORS {
+                let shape: Vec<usize> = match g {
+                    "attn_q" => vec![nh * hd, d],
+                    "attn_k" | "attn_v" => vec![nkv * hd, d],
+                    "attn_output" => vec![d, nh * hd],
+                    "ffn_gate" | "ffn_up" => vec![ffn, d],
+                    "ffn_down" => vec![d, ffn],
+                    _ => vec![d],
+                };
+                let name = format!("blk.{l}.{g}.weight");
+                let mut t = self.tensor_f32(&name, &shape)?;
+                match g {
+                    "attn_q" => t = unpermute_qk(&t, nh)?,
+                    "attn_k" => t = unpermute_qk(&t, nkv)?,
+                    _ => {}
+                }
+                store.insert(&format!("model.layers.{l}.{hf}.weight"), &t)?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The vanilla model stored in the file (all weights dequantized to f32).
+    pub fn model(&mut self, device: &Device) -> Result<MorModel> {
+        let cfg = self.config()?;
+        let store = self.params(&cfg, device)?;
+        MorModel::from_params(&cfg, store).map_err(|e| match e {
+            MorError::Config(m) => self.err(m),
+            other => other,
+        })
+    }
+
+    /// The tokenizer described by `tokenizer.ggml.*` as a Hugging Face `tokenizer.json` value (GPT-2 byte-level BPE
+    /// only; `tokenizer.ggml.pre` selects the pre-tokenizer as llama.cpp does).
+    pub fn tokenizer_json(&self) -> Result<serde_json::Value> {
+        let model = self.string("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(self.err(format!(
+                "tokenizer.ggml.model = {model:?}: only GPT-2 byte-level BPE (\"gpt2\") is supported"
+            )));
+        }
+        let tokens = self.array("tokenizer.ggml.tokens")?;
+        let merges = self.array("tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match self.content.metadata.get("tokenizer.ggml.token_type") {
+            Some(_) => self
+                .array("tokenizer.ggml.token_type")?
+                .iter()
+                .map(|v| match v {
+                    Value::I32(x) => Ok(*x),
+                    other => value_as_u64(other)
+                        .map(|x| x as i32)
+                        .ok_or_else(|| self.err("tokenizer.ggml.token_type: expected integers")),
+                })
+                .collect::<Result<_>>()?,
+            None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(self.err(format!(
+                "tokenizer.ggml.token_type has {} entries, tokenizer.ggml.tokens has {}",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
+            let Value::String(s) = tok else {
+                return Err(self.err(format!("tokenizer.ggml.tokens[{id}]: expected a string")));
+            };
+            if vocab.insert(s.clone(), json!(id)).is_some() {
+                return Err(self.err(format!(
+                    "tokenizer.ggml.tokens: token {s:?} appears twice (second at id {id})"
+                )));
+            }
+            if *ty == TOKEN_TYPE_CONTROL || *ty == TOKEN_TYPE_USER_DEFINED {
+                added.push(json!({
+                    "id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": false, "special": *ty == TOKEN_TYPE_CONTROL
+                }));
+            }
+        }
+        let merges: Vec<String> = merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m {
+                Value::String(s) if s.split_once(' ').is_some() => Ok(s.clone()),
+                _ => Err(self.err(format!(
+                    "tokenizer.ggml.merges[{i}]: expected a string \"left right\""
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let pre = match self.content.metadata.get("tokenizer.ggml.pre") {
+            None => "default",
+            Some(_) => self.string("tokenizer.ggml.pre")?,
+        };
+        // llama.cpp's SMOLLM/STARCODER pre-tokenizers split every digit, then apply the GPT-2 regex.
+        let pre_tokenizer = match pre {
+            "default" | "gpt-2" | "gpt2" => byte_level.clone(),
+            "smollm" | "starcoder" | "refact" | "codeshell" => json!({
+                "type": "Sequence",
+                "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level.clone()]
+            }),
+            other => {
+                return Err(self.err(format!(
+                    "tokenizer.ggml.pre = {other:?}: unsupported pre-tokenizer (supported: default, gpt-2, smollm, starcoder)"
+                )))
+            }
+        };
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": byte_level,
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges
+            }
+        }))
+    }
+
+    /// The tokenizer stored in the file.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let j = self.tokenizer_json()?;
+        let inner = tokenizers::Tokenizer::from_bytes(j.to_string().as_bytes())
+            .map_err(|e| self.err(format!("building the tokenizer from tokenizer.ggml.*: {e}")))?;
+        Tokenizer::from_inner(inner).map_err(|e| self.err(e.to_string()))
+    }
+}
+
+fn value_as_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(u64::from(x)),
+        Value::U16(x) => Some(u64::from(x)),
+        Value::U32(x) => Some(u64::from(x)),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+/// Import a GGUF file: the vanilla model (f32) and its tokenizer.
+pub fn import_gguf(path: &Path, device: &Device) -> Result<(MorModel, Tokenizer)> {
+    let mut f = GgufFile::open(path)?;
+    let tok = f.tokenizer()?;
+    let model = f.model(device)?;
+    Ok((model, tok))
+}
+
+/// Check that `w` [n_head·hd, d] splits into heads of even width.
+fn head_split(w: &Tensor, n_head: usize) -> Result<(usize, usize, usize)> {
+    let (rows, cols) = w.dims2()?;
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
+        return Err(MorError::Config(format!(
+            "q/k weight with {rows} rows cannot be split into {n_head} heads of even width"
+        )));
+    }
+    Ok((rows / n_head, cols, rows))
+}
+
+/// HF → llama.cpp row order of a q/k projection (the converter's `permute`): per head, rows
+/// (2, hd/2) become (hd/2, 2), i.e. HF row `j·hd/2 + i` moves to `2i + j`.
+pub fn permute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (hd, cols, rows) = head_split(w, n_head)?;
+    Ok(w.reshape((n_head, 2, hd / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// llama.cpp → HF row order of a q/k projection: the inverse of [`permute_qk`]. Per head, rows (hd/2, 2)
+/// become (2, hd/2), i.e. GGUF row `2i + j` moves back to `j·hd/2 + i`.
+pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (hd, cols, rows) = head_split(w, n_head)?;
+    Ok(w.reshape((n_head, hd / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// Write a vanilla `model` as an F32 GGUF file (llama.cpp conventions: `llama.*` metadata, `blk.N.*` names,
+/// permuted q/k rows) with the tokenizer's vocabulary and merges if `tokenizer` is given (GPT-2 byte-level BPE
+/// tokenizers only). Recursive and MoR models are refused: GGUF has no representation of shared layers or routers.
+pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path) -> Result<()> {
+    let cfg = model.config();
+    if cfg.recursion.is_some() || cfg.mor.is_some() {
+        return Err(MorError::Config(format!(
+            "GGUF export supports vanilla models only, this is {}",
+            cfg.variant_name()
+        )));
+    }
+    let params = model.params();
+    let get = |name: &str| -> Result<Tensor> {
+        params
+            .get(name)
+            .map(|v| v.as_tensor().to_dtype(DType::F32))
+            .transpose()?
+            .ok_or_else(|| MorError::Config(format!("model has no parameter {name}")))
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut push = |name: String, t: Tensor| -> Result<()> {
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
+        Ok(())
+    };
+    push(
+        "token_embd.weight".into(),
+        get("model.embed_tokens.weight")?,
+    )?;
+    push("output_norm.weight".into(), get("model.norm.weight")?)?;
+    if !cfg.tie_word_embeddings {
+        push("output.weight".into(), get("lm_head.weight")?)?;
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for (g, hf) in LAYER_TENSORS {
+            let mut t = get(&format!("model.layers.{l}.{hf}.weight"))?;
+            match g {
+                "attn_q" => t = permute_qk(&t, cfg.num_attention_heads)?,
+                "attn_k" => t = permute_qk(&t, cfg.num_key_value_heads)?,
+                _ => {}
+            }
+            push(format!("blk.{l}.{g}.weight"), t)?;
+        }
+    }
+    let u32v = |x: usize| Value::U32(x as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.name".into(), Value::String("mor export".into())),
+        ("llama.block_count".into(), u32v(cfg.num_hidden_layers)),
+        (
+            "llama.context_length".into(),
+            u32v(cfg.max_position_embeddings),
+        ),
+        ("llama.embedding_length".into(), u32v(cfg.hidden_size)),
+        (
+            "llama.feed_forward_length".into(),
+            u32v(cfg.intermediate_size),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            u32v(cfg.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u32v(cfg.num_key_value_heads),
+        ),
+        ("llama.attention.key_length".into(), u32v(cfg.head_dim())),
+        ("llama.attention.value_length".into(), u32v(cfg.head_dim())),
+        ("llama.rope.dimension_count".into(), u32v(cfg.head_dim())),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("llama.vocab_size".into(), u32v(cfg.vocab_size)),
+        ("general.file_type".into(), Value::U32(0)),
+    ];
+    if let Some(tok) = tokenizer {
+        meta.extend(tokenizer_metadata(tok, cfg)?);
+    }
+    let file = File::create(path).map_err(|e| MorError::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+        .map_err(|e| MorError::checkpoint(path, format!("writing GGUF: {e}")))?;
+    use std::io::Write;
+    w.flush().map_err(|e| MorError::io(path, e))
+}
+
+/// `tokenizer.ggml.*` entries for a byte-level BPE tokenizer.
+fn tokenizer_metadata(tok: &Tokenizer, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
+    let j: serde_json::Value = serde_json::from_str(&tok.to_json()?)
+        .map_err(|e| MorError::Data(format!("tokenizer JSON: {e}")))?;
+    let model = &j["model"];
+    if model["type"] != "BPE" {
+        return Err(MorError::Data(
+            "GGUF export: only BPE tokenizers can be written".into(),
+        ));
+    }
+    let n = tok.vocab_size();
+    if n > cfg.vocab_size {
+        return Err(MorError::Data(format!(
+            "GGUF export: the tokenizer has {n} tokens, the model only {}",
+            cfg.vocab_size
+        )));
+    }
+    let mut tokens = vec![String::new(); cfg.vocab_size];
+    let mut types = vec![TOKEN_TYPE_NORMAL; cfg.vocab_size];
+    for (id, slot) in tokens.iter_mut().enumerate() {
+        // Rows of the embedding beyond the tokenizer get placeholder names llama.cpp accepts.
+        *slot = tok
+            .id_to_token(id as u32)
+            .unwrap_or_else(|| format!("[PAD{id}]"));
+    }
+    if let Some(added) = j["added_tokens"].as_array() {
+        for a in added {
+            if let Some(id) = a["id"].as_u64().filter(|&i| (i as usize) < types.len()) {
+                types[id as usize] = if a["special"] == true {
+                    TOKEN_TYPE_CONTROL
+                } else {
+                    TOKEN_TYPE_USER_DEFINED
+                };
+            }
+        }
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| match x {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Array(p) if p.len() == 2 => Some(format!(
+                        "{} {}",
+                        p[0].as_str().unwrap_or_default(),
+                        p[1].as_str().unwrap_or_default()
+                    )),
+                    _ => None,
+                })
+                .map(Value::String)
+                .collect()
+        })
+        .unwrap_or_default();
+    let uses_digits = j["pre_tokenizer"].to_string().contains("Digits");
+    let mut out = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String(if uses_digits { "smollm" } else { "gpt-2" }.into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(cfg.eos_token_id.unwrap_or(tok.eos_id())),
+        ),
+    ];
+    if let Some(b) = cfg.bos_token_id {
+        out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_moves_rows_as_documented_and_inverts() {
+        // 2 heads of width 4, 1 column holding the row index.
+        let w = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 1))
+            .unwrap();
+        let p: Vec<f32> = permute_qk(&w, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // HF row j·2 + i → GGUF row 2i + j within each head.
+        assert_eq!(p, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        let back: Vec<f32> = unpermute_qk(&permute_qk(&w, 2).unwrap(), 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(back, (0..8).map(|x| x as f32).collect::<Vec<_>>());
+        assert!(permute_qk(&w, 3).is_err());
+    }
+}

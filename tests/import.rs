@@ -1,0 +1,411 @@
+//! GGUF import/export: the q/k permutation against an independent implementation (candle-transformers'
+//! `quantized_llama`, which applies llama.cpp's interleaved RoPE to the permuted weights), exact round trips,
+//! errors that name the field or tensor, and — when `assets/SmolLM2-135M-Instruct.Q4_1.gguf` is present
+//! (`scripts/fetch_assets.sh`) — the real SmolLM2 model.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_transformers::models::quantized_llama;
+
+use mor::data::Tokenizer;
+use mor::gguf::{export_gguf, import_gguf, GgufFile};
+use mor::model::{ForwardOptions, MorModel};
+use mor::ModelConfig;
+
+const REAL: &str = "assets/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn real_file() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL);
+    if p.exists() {
+        Some(p)
+    } else {
+        println!("SKIPPED: {REAL} is absent; run scripts/fetch_assets.sh to enable the real-model checks");
+        None
+    }
+}
+
+/// A byte-level BPE tokenizer: EOS, the 256 byte symbols and two merges.
+fn tiny_tokenizer() -> Tokenizer {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort_unstable();
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<|endoftext|>".into(), 0.into());
+    for (i, c) in alphabet.iter().enumerate() {
+        vocab.insert(c.to_string(), (i + 1).into());
+    }
+    vocab.insert("Ġt".into(), 257.into());
+    vocab.insert("he".into(), 258.into());
+    let bl = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let j = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": bl, "post_processor": bl, "decoder": bl,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": ["Ġ t", "h e"]}
+    });
+    Tokenizer::from_inner(tokenizers::Tokenizer::from_bytes(j.to_string().as_bytes()).unwrap())
+        .unwrap()
+}
+
+fn tiny_config(tied: bool) -> ModelConfig {
+    ModelConfig::from_json(&format!(
+        r#"{{"vocab_size":259,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":3,
+            "num_attention_heads":4,"num_key_value_heads":2,"rope_theta":100000.0,"rms_norm_eps":1e-5,
+            "max_position_embeddings":64,"tie_word_embeddings":{tied},"eos_token_id":0}}"#
+    ))
+    .unwrap()
+}
+
+/// A tiny vanilla model with non-trivial norms (so swapped norm tensors would show).
+fn tiny_model(tied: bool, seed: u64) -> MorModel {
+    let m = MorModel::new(&tiny_config(tied), &Device::Cpu, seed).unwrap();
+    let names: Vec<String> = m
+        .params()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .filter(|k| k.contains("norm"))
+        .collect();
+    for (i, n) in names.iter().enumerate() {
+        let v = m.params().get(n).unwrap().as_tensor().clone();
+        let w = ((v.ones_like().unwrap() * (1.0 + 0.1 * i as f64)).unwrap()
+            + Tensor::randn(0f32, 0.2, v.dims(), &Device::Cpu).unwrap())
+        .unwrap();
+        m.params().set(n, &w).unwrap();
+    }
+    m
+}
+
+fn logits(m: &MorModel, ids: &[u32]) -> Tensor {
+    let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    m.forward(&x, &ForwardOptions::eval())
+        .unwrap()
+        .logits
+        .i(0)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Last-position logits of candle-transformers' llama on a GGUF file, in a fresh thread so that
+/// `CANDLE_DEQUANTIZE_ALL` (read once per thread) takes effect when `dequantize` is set.
+fn reference_logits(path: &Path, ids: &[u32], dequantize: bool) -> Tensor {
+    let path = path.to_path_buf();
+    let ids = ids.to_vec();
+    std::thread::spawn(move || {
+        if dequantize {
+            std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+        } else {
+            std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
+        }
+        let mut f = std::fs::File::open(&path).unwrap();
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        let mut m = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        m.forward(&x, 0).unwrap().i(0).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn export_import_round_trip_is_exact_and_matches_an_independent_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tiny_tokenizer();
+    for tied in [true, false] {
+        let model = tiny_model(tied, 5);
+        let path = dir.path().join(format!("tiny-{tied}.gguf"));
+        export_gguf(&model, Some(&tok), &path).unwrap();
+        let (back, tok2) = import_gguf(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.config().hidden_size, 64);
+        assert_eq!(back.config().num_key_value_heads, 2);
+        assert_eq!(back.config().rope_theta, 100000.0);
+        assert_eq!(back.config().tie_word_embeddings, tied);
+        for (name, v) in model.params().iter() {
+            let w = back.params().get(name).unwrap();
+            assert_eq!(max_abs_diff(v.as_tensor(), w.as_tensor()), 0.0, "{name}");
+        }
+        let text = "the theory of the thing";
+        assert_eq!(tok2.encode(text).unwrap(), tok.encode(text).unwrap());
+        assert_eq!(tok2.decode(&tok2.encode(text).unwrap()).unwrap(), text);
+        assert_eq!(tok2.eos_id(), 0);
+
+        // candle-transformers runs llama.cpp's interleaved RoPE on the permuted rows; mor runs HF's rotate-half
+        // RoPE on the restored rows. Identical logits prove the permutation and its inverse.
+        let ids: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 259).collect();
+        let ours = logits(&back, &ids).i(ids.len() - 1).unwrap();
+        let theirs = reference_logits(&path, &ids, false);
+        let diff = max_abs_diff(&ours, &theirs);
+        assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+
+        // Sensitivity: without the inverse permutation the logits differ clearly.
+        let mut f = GgufFile::open(&path).unwrap();
+        let cfg = f.config().unwrap();
+        let store = f.params(&cfg, &Device::Cpu).unwrap();
+        let raw = mor::gguf::permute_qk(
+            store
+                .get("model.layers.1.self_attn.q_proj.weight")
+                .unwrap()
+                .as_tensor(),
+            4,
+        )
+        .unwrap();
+        store
+            .set("model.layers.1.self_attn.q_proj.weight", &raw)
+            .unwrap();
+        let broken = MorModel::from_params(&cfg, store).unwrap();
+        let bad = max_abs_diff(&logits(&broken, &ids).i(ids.len() - 1).unwrap(), &theirs);
+        assert!(
+            bad > 100.0 * diff.max(1e-6),
+            "permutation undetected: {bad} vs {diff}"
+        );
+    }
+}
+
+#[test]
+fn export_refuses_recursive_models() {
+    let mut cfg = tiny_config(true);
+    cfg.num_hidden_layers = 5;
+    cfg.recursion = Some(mor::config::RecursionConfig {
+        sharing: mor::config::Sharing::MiddleCycle,
+        num_recursion: 3,
+        initialization: mor::config::Initialization::Random,
+    });
+    let m = MorModel::new(&cfg, &Device::Cpu, 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let e = export_gguf(&m, None, &dir.path().join("x.gguf")).unwrap_err();
+    assert!(e.to_string().contains("vanilla models only"), "{e}");
+}
+
+/// Write a GGUF with the tiny model's tensors, letting `edit` drop or change entries first.
+fn write_edited(
+    path: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, QTensor)>),
+) {
+    let src = path.with_extension("src.gguf");
+    export_gguf(&tiny_model(true, 1), Some(&tiny_tokenizer()), &src).unwrap();
+    let mut f = std::fs::File::open(&src).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, Value)> = ct.metadata.clone().into_iter().collect();
+    let mut tensors: Vec<(String, QTensor)> = ct
+        .tensor_infos
+        .keys()
+        .map(|k| (k.clone(), ct.tensor(&mut f, k, &Device::Cpu).unwrap()))
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let mut out = std::fs::File::create(path).unwrap();
+    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &m, &t).unwrap();
+}
+
+fn import_err(path: &Path) -> String {
+    import_gguf(path, &Device::Cpu).unwrap_err().to_string()
+}
+
+#[test]
+fn bad_files_fail_with_the_tensor_or_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.gguf");
+
+    write_edited(&p, |_, t| t.retain(|(k, _)| k != "blk.1.ffn_up.weight"));
+    let e = import_err(&p);
+    assert!(e.contains("missing tensor blk.1.ffn_up.weight"), "{e}");
+
+    write_edited(&p, |_, t| {
+        for (k, v) in t.iter_mut() {
+            if k == "blk.2.attn_k.weight" {
+                let z = Tensor::zeros((16, 64), DType::F32, &Device::Cpu).unwrap();
+                *v = QTensor::quantize(&z, GgmlDType::F32).unwrap();
+            }
+        }
+    });
+    let e = import_err(&p);
+    assert!(
+        e.contains("tensor blk.2.attn_k.weight: expected shape [32, 64], found [16, 64]"),
+        "{e}"
+    );
+
+    write_edited(&p, |m, _| {
+        m.retain(|(k, _)| k != "llama.feed_forward_length")
+    });
+    let e = import_err(&p);
+    assert!(
+        e.contains("missing metadata field llama.feed_forward_length"),
+        "{e}"
+    );
+
+    write_edited(&p, |m, _| {
+        for (k, v) in m.iter_mut() {
+            if k == "general.architecture" {
+                *v = Value::String("gpt2".into());
+            }
+        }
+    });
+    assert!(import_err(&p).contains("general.architecture = \"gpt2\""));
+
+    write_edited(&p, |m, _| {
+        for (k, v) in m.iter_mut() {
+            if k == "tokenizer.ggml.model" {
+                *v = Value::String("llama".into());
+            }
+        }
+    });
+    assert!(import_err(&p).contains("tokenizer.ggml.model = \"llama\""));
+
+    // Q8_0 weights dequantize (block size 32 divides every row of the tiny model).
+    write_edited(&p, |_, t| {
+        for (k, v) in t.iter_mut() {
+            if k.ends_with("ffn_gate.weight") {
+                let w = v.dequantize(&Device::Cpu).unwrap();
+                *v = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            }
+        }
+    });
+    import_gguf(&p, &Device::Cpu).unwrap();
+
+    // A truncated copy: the header parses, the tensor data is cut.
+    let good = dir.path().join("good.gguf");
+    export_gguf(&tiny_model(true, 2), Some(&tiny_tokenizer()), &good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = import_err(&p);
+    assert!(
+        e.contains("truncated file: tensor ") && e.contains("needs bytes up to"),
+        "{e}"
+    );
+    // Cut inside the header.
+    std::fs::write(&p, &bytes[..200]).unwrap();
+    assert!(import_err(&p).contains("not a readable GGUF file"));
+    std::fs::write(&p, b"not a gguf file at all").unwrap();
+    assert!(import_err(&p).contains("not a readable GGUF file"));
+    assert!(import_err(&dir.path().join("absent.gguf")).contains("absent.gguf"));
+}
+
+/// A public-domain passage in modern English (US Declaration of Independence, 1776).
+const DECLARATION: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the \
+political bands which have connected them with another, and to assume among the powers of the earth, the separate \
+and equal station to which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of \
+mankind requires that they should declare the causes which impel them to the separation. We hold these truths to be \
+self-evident, that all men are created equal, that they are endowed by their Creator with certain unalienable \
+Rights, that among these are Life, Liberty and the pursuit of Happiness.";
+
+/// Mean next-token NLL of `ids` under `m`.
+fn mean_nll(m: &MorModel, ids: &[u32]) -> f64 {
+    let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    let out = m.forward(&x, &ForwardOptions::eval()).unwrap();
+    let l = m.loss(&out, &x, ids.len() - 1).unwrap();
+    l.lm.to_scalar::<f32>().unwrap() as f64
+}
+
+#[test]
+fn real_smollm2_matches_candle_transformers_and_reads_english() {
+    let Some(path) = real_file() else { return };
+    let mut f = GgufFile::open(&path).unwrap();
+    let cfg = f.config().unwrap();
+    assert_eq!(
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size
+        ),
+        (30, 576, 1536)
+    );
+    assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads), (9, 3));
+    assert_eq!((cfg.vocab_size, cfg.rope_theta), (49152, 100000.0));
+    assert!(cfg.tie_word_embeddings);
+    let tok = f.tokenizer().unwrap();
+    assert_eq!(tok.eos_id(), 0);
+    let text = "In 1984, the year 2048 was far away.";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    // SmolLM's pre-tokenizer splits numbers into single digits.
+    for d in ["1", "9", "8", "4"] {
+        assert!(ids.contains(&tok.token_to_id(d).unwrap()));
+    }
+    let model = f.model(&Device::Cpu).unwrap();
+
+    let prompt = "The capital of France is";
+    let ids = tok.encode(prompt).unwrap();
+    let ours = logits(&model, &ids).i(ids.len() - 1).unwrap();
+    let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    for (dequantize, tol) in [(true, 2e-3f32), (false, f32::INFINITY)] {
+        let theirs = reference_logits(&path, &ids, dequantize);
+        let diff = max_abs_diff(&ours, &theirs);
+        let scale = theirs
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!(
+            "vs candle-transformers quantized_llama ({}): max |Δlogit| = {diff:.2e} (max |logit| {scale:.1}); top-1 {} / {}",
+            if dequantize { "dequantized f32 matmuls" } else { "quantized Q4_1×Q8_1 matmuls" },
+            top(&ours),
+            top(&theirs)
+        );
+        assert!(diff < tol, "max |Δlogit| = {diff}");
+        assert_eq!(top(&ours), top(&theirs));
+    }
+
+    let passage = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sonnets.txt"),
+    )
+    .unwrap();
+    let ids: Vec<u32> = tok
+        .encode(&passage)
+        .unwrap()
+        .into_iter()
+        .take(256)
+        .collect();
+    let nll = mean_nll(&model, &ids);
+    println!(
+        "perplexity on the first {} tokens of tests/data/sonnets.txt: {:.2} (NLL {nll:.4})",
+        ids.len(),
+        nll.exp()
+    );
+    // Early-modern verse is hard for a 135M model; the bound only catches a broken import (ppl in the thousands).
+    assert!(nll.exp() < 100.0, "perplexity {}", nll.exp());
+    let ids = tok.encode(DECLARATION).unwrap();
+    let nll = mean_nll(&model, &ids);
+    println!(
+        "perplexity on the opening of the US Declaration of Independence ({} tokens): {:.2} (NLL {nll:.4})",
+        ids.len(),
+        nll.exp()
+    );
+    assert!(nll.exp() < 20.0, "perplexity {}", nll.exp());
+
+    let params = mor::sampling::SamplingParams {
+        temperature: 0.0,
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let g = mor::generate::generate(
+        &model,
+        &tok,
+        "The capital of France is",
+        &params,
+        &mut |_| {},
+    )
+    .unwrap();
+    println!("greedy: The capital of France is{}", g.text);
+    assert!(g.text.contains("Paris"), "{:?}", g.text);
+}
