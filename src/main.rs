@@ -518,6 +518,7 @@ fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    mor::engine::pin_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -15,10 +15,11 @@ use candle_core::{DType, Tensor};
 use crate::config::{DecodeRule, Gating};
 use crate::engine::cache::{LayerKv, SeqKv};
 use crate::error::{MorError, Result};
-use crate::model::layers::Rope;
 use crate::model::{MorModel, Routing};
 
-/// Fused, pre-transposed weights of one layer: `x @ w` is a plain row-major GEMM and q/k/v (gate/up) are one matmul.
+/// One layer prepared for decoding: fused, pre-transposed f32 weights (`x @ w` is a plain row-major GEMM and
+/// q/k/v, gate/up are one matmul each) and the norm scales. Everything between the matmuls runs as plain loops over
+/// the rows: at decode sizes candle's per-op overhead, not arithmetic, dominates (measured, see the report).
 #[derive(Debug, Clone)]
 struct FusedLayer {
     /// [d, (H + 2·kv)·hd]: queries, keys, values.
@@ -31,6 +32,9 @@ struct FusedLayer {
     gate_up: Tensor,
     /// [f, d].
     down: Tensor,
+    /// Input and post-attention norm scales [d].
+    norm_in: Vec<f32>,
+    norm_post: Vec<f32>,
 }
 
 /// Options of [`CachedModel::step`].
@@ -64,6 +68,10 @@ pub struct CachedModel<'m> {
     /// One entry per unrolled layer (shared layers share the tensors).
     fused: Vec<FusedLayer>,
     dims: (usize, usize, usize),
+    eps: f32,
+    /// RoPE tables [max_pos, hd] (the model's, in f32).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 /// The new tokens of one step, flattened.
@@ -72,9 +80,6 @@ struct Rows<'a, 'b> {
     seq: Vec<usize>,
     /// Position of each row.
     pos: Vec<u32>,
-    /// RoPE tables of every row, [N, 1, hd].
-    cos: Tensor,
-    sin: Tensor,
     caches: &'a mut [&'b mut SeqKv],
 }
 
@@ -106,19 +111,39 @@ impl<'m> CachedModel<'m> {
             if let std::collections::hash_map::Entry::Vacant(e) = by_source.entry(src) {
                 let [q, k, v, o] = layer.attn.weights();
                 let [g, u, dn] = layer.mlp().weights();
+                let prep = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.to_dtype(DType::F32)?.t()?.contiguous()?)
+                };
+                let (n_in, n_post) = layer.norms();
                 let f = FusedLayer {
-                    qkv: Tensor::cat(&[q, k, v], 0)?.t()?.contiguous()?,
-                    q: q.t()?.contiguous()?,
-                    o: o.t()?.contiguous()?,
-                    gate_up: Tensor::cat(&[g, u], 0)?.t()?.contiguous()?,
-                    down: dn.t()?.contiguous()?,
+                    qkv: prep(Tensor::cat(&[q, k, v], 0)?)?,
+                    q: prep(q.clone())?,
+                    o: prep(o.clone())?,
+                    gate_up: prep(Tensor::cat(&[g, u], 0)?)?,
+                    down: prep(dn.clone())?,
+                    norm_in: to_f32_vec(n_in.parts().0)?,
+                    norm_post: to_f32_vec(n_post.parts().0)?,
                 };
                 e.insert(f);
             }
             fused.push(by_source[&src].clone());
         }
         let dims = model.layers().first().map_or((1, 1, 1), |l| l.attn.dims());
-        Ok(CachedModel { model, fused, dims })
+        let eps = model
+            .layers()
+            .first()
+            .map_or(1e-5, |l| l.norms().0.parts().1) as f32;
+        let max_pos = model.rope().max_positions();
+        let all = Tensor::arange(0u32, max_pos as u32, model.device())?.reshape((1, max_pos))?;
+        let (cos, sin) = model.rope().at(&all)?;
+        Ok(CachedModel {
+            model,
+            fused,
+            dims,
+            eps,
+            cos: to_f32_vec(&cos)?,
+            sin: to_f32_vec(&sin)?,
+        })
     }
 
     /// The underlying model.
@@ -181,18 +206,7 @@ impl<'m> CachedModel<'m> {
             .model
             .embed(&Tensor::from_vec(ids, (1, n), dev)?)?
             .reshape((n, d))?;
-        let (cos, sin) = self
-            .model
-            .rope()
-            .at(&Tensor::from_vec(pos.clone(), (1, n), dev)?)?;
-        let hd = self.dims.2;
-        let mut rows = Rows {
-            seq,
-            pos,
-            cos: cos.reshape((n, 1, hd))?,
-            sin: sin.reshape((n, 1, hd))?,
-            caches,
-        };
+        let mut rows = Rows { seq, pos, caches };
         let all: Vec<usize> = (0..n).collect();
         let layout = self.model.layout();
         let mut x = x;
@@ -333,7 +347,8 @@ impl<'m> CachedModel<'m> {
 
     /// One decoder layer on the rows `toks` (indices into the step's rows) whose hidden states are `x` [n, d]:
     /// writes their K/V into this layer's cache (unless it reads a shared cache) and attends each row over its own
-    /// sequence's cache up to its position.
+    /// sequence's cache up to its position. Same arithmetic as `DecoderLayer::forward` (pre-norm, RoPE, GQA,
+    /// SwiGLU), with the elementwise parts as loops.
     fn layer(
         &self,
         idx: usize,
@@ -341,37 +356,37 @@ impl<'m> CachedModel<'m> {
         toks: &[usize],
         rows: &mut Rows<'_, '_>,
     ) -> Result<Tensor> {
-        let layer = &self.model.layers()[idx];
         let w = &self.fused[idx];
         let (nh, nkv, hd) = self.dims;
         let n = toks.len();
         let dev = x.device();
-        let dtype = x.dtype();
+        let d = x.dim(1)?;
         let src = self.model.kv_source_layer(idx);
         let writes = src == idx;
-        let normed = layer.attn_input(x)?;
-        let tok_t = index_tensor(toks, dev)?;
-        let (cos, sin) = if n == rows.pos.len() {
-            (rows.cos.clone(), rows.sin.clone())
-        } else {
-            (
-                rows.cos.index_select(&tok_t, 0)?,
-                rows.sin.index_select(&tok_t, 0)?,
-            )
-        };
-        let proj = normed.matmul(if writes { &w.qkv } else { &w.q })?;
-        let q = proj.narrow(1, 0, nh * hd)?.reshape((n, nh, hd))?;
-        let q = to_f32_vec(&Rope::apply(&q, &cos, &sin)?)?;
+        let xv = to_f32_vec(x)?;
+        let normed = rms_rows(&xv, &w.norm_in, self.eps);
+        let mut proj = matmul_rows(normed, n, if writes { &w.qkv } else { &w.q })?;
+        let pw = proj.len() / n;
+        // RoPE on queries and keys in place (HF rotate_half: [x1, x2] → [x1·c − x2·s, x2·c + x1·s]).
+        let heads = if writes { nh + nkv } else { nh };
+        for (i, &t) in toks.iter().enumerate() {
+            let p = rows.pos[t] as usize;
+            let (c, s) = (
+                &self.cos[p * hd..(p + 1) * hd],
+                &self.sin[p * hd..(p + 1) * hd],
+            );
+            for h in 0..heads {
+                rope_in_place(&mut proj[i * pw + h * hd..i * pw + (h + 1) * hd], c, s);
+            }
+        }
         if writes {
-            let k = proj.narrow(1, nh * hd, nkv * hd)?.reshape((n, nkv, hd))?;
-            let k = to_f32_vec(&Rope::apply(&k, &cos, &sin)?)?;
-            let v = to_f32_vec(&proj.narrow(1, (nh + nkv) * hd, nkv * hd)?)?;
-            let row = nkv * hd;
+            let (ko, vo, row) = (nh * hd, (nh + nkv) * hd, nkv * hd);
             for (i, &t) in toks.iter().enumerate() {
+                let r = &proj[i * pw..(i + 1) * pw];
                 rows.caches[rows.seq[t]].layers[idx].push(
                     rows.pos[t],
-                    &k[i * row..(i + 1) * row],
-                    &v[i * row..(i + 1) * row],
+                    &r[ko..ko + row],
+                    &r[vo..vo + row],
                 );
             }
         }
@@ -379,14 +394,52 @@ impl<'m> CachedModel<'m> {
             .iter()
             .map(|&t| (&rows.caches[rows.seq[t]].layers[src], rows.pos[t]))
             .collect();
-        let att = attend(&q, &items, nh, nkv, hd);
-        let att = Tensor::from_vec(att, (n, nh * hd), dev)?.to_dtype(dtype)?;
-        let h = (x + att.matmul(&w.o)?)?;
-        let gu = layer.mlp_input(&h)?.matmul(&w.gate_up)?;
-        let f = gu.dim(1)? / 2;
-        let g = gu.narrow(1, 0, f)?;
-        let act = ((&g * candle_nn::ops::sigmoid(&g)?)? * gu.narrow(1, f, f)?)?;
-        Ok((h + act.matmul(&w.down)?)?)
+        let att = attend(&proj, pw, &items, nh, nkv, hd);
+        let mut h = matmul_rows(att, n, &w.o)?;
+        for (a, b) in h.iter_mut().zip(&xv) {
+            *a += b;
+        }
+        let gu = matmul_rows(rms_rows(&h, &w.norm_post, self.eps), n, &w.gate_up)?;
+        let f = gu.len() / n / 2;
+        let mut act = Vec::with_capacity(n * f);
+        for r in gu.chunks_exact(2 * f) {
+            let (g, u) = r.split_at(f);
+            act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        }
+        let down = matmul_rows(act, n, &w.down)?;
+        for (a, b) in h.iter_mut().zip(&down) {
+            *a += b;
+        }
+        Ok(Tensor::from_vec(h, (n, d), dev)?.to_dtype(x.dtype())?)
+    }
+}
+
+/// RMSNorm of each row of `x` ([n, d], d = w.len()): x / sqrt(mean(x²) + ε) · w.
+fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for r in x.chunks_exact(d) {
+        let inv = 1.0 / (dot(r, r) / d as f32 + eps).sqrt();
+        out.extend(r.iter().zip(w).map(|(&a, &b)| a * inv * b));
+    }
+    out
+}
+
+/// `x @ w` for rows x [n, k] (owned, moved into the tensor) and a pre-transposed [k, m] weight, as a flat Vec.
+fn matmul_rows(x: Vec<f32>, n: usize, w: &Tensor) -> Result<Vec<f32>> {
+    let k = x.len() / n.max(1);
+    let t = Tensor::from_vec(x, (n, k), w.device())?;
+    Ok(t.matmul(w)?.flatten_all()?.to_vec1()?)
+}
+
+/// Rotate one head vector in place with the cos/sin rows of its position.
+#[inline]
+fn rope_in_place(x: &mut [f32], c: &[f32], s: &[f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
     }
 }
 
@@ -417,27 +470,50 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Attention of query rows `q` ([n, H, hd], rotated) each over its own cache (`items[i]`: the cache and the query's
+/// candle's thread count, read once: `candle_core::utils::get_num_threads` re-detects the CPUs (parsing /proc) on
+/// every call unless RAYON_NUM_THREADS is set.
+pub fn num_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// Pin candle's thread count (RAYON_NUM_THREADS) to its detected value, once, at program start-up: candle asks for it
+/// on every matmul and without the variable re-reads /proc each time (a quarter of batch-1 decode time in a profile).
+/// Call before any other thread exists (it sets an environment variable).
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", num_threads().to_string());
+    }
+}
+
+/// Attention of query rows `q` ([n, ·] with stride `q_stride`, the first H·hd of each row are the rotated queries) each over its own cache (`items[i]`: the cache and the query's
 /// position; entries at positions ≤ it are visible). GQA: query head h reads key head h / (H / kv) (HF repeat_kv).
 /// Returns [n, H·hd]. Rows are independent, so large batches are split across threads.
-fn attend(q: &[f32], items: &[(&LayerKv, u32)], nh: usize, nkv: usize, hd: usize) -> Vec<f32> {
+fn attend(
+    q: &[f32],
+    q_stride: usize,
+    items: &[(&LayerKv, u32)],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f32> {
     let n = items.len();
     let mut out = vec![0f32; n * nh * hd];
     let work: usize = items.iter().map(|(c, p)| c.visible(*p)).sum::<usize>() * nh * hd;
-    let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+    let threads = num_threads().clamp(1, n.max(1));
     // Below ~1 MFLOP a thread costs more than it saves.
     if threads == 1 || work < 250_000 {
-        attend_rows(q, items, &mut out, nh, nkv, hd);
+        attend_rows(q, q_stride, items, &mut out, nh, nkv, hd);
         return out;
     }
     let per = n.div_ceil(threads);
     std::thread::scope(|s| {
         for ((qc, ic), oc) in q
-            .chunks(per * nh * hd)
+            .chunks(per * q_stride)
             .zip(items.chunks(per))
             .zip(out.chunks_mut(per * nh * hd))
         {
-            s.spawn(move || attend_rows(qc, ic, oc, nh, nkv, hd));
+            s.spawn(move || attend_rows(qc, q_stride, ic, oc, nh, nkv, hd));
         }
     });
     out
@@ -445,6 +521,7 @@ fn attend(q: &[f32], items: &[(&LayerKv, u32)], nh: usize, nkv: usize, hd: usize
 
 fn attend_rows(
     q: &[f32],
+    q_stride: usize,
     items: &[(&LayerKv, u32)],
     out: &mut [f32],
     nh: usize,
@@ -457,7 +534,7 @@ fn attend_rows(
     let mut scores: Vec<f32> = Vec::new();
     for (i, (cache, p)) in items.iter().enumerate() {
         let m = cache.visible(*p);
-        let qi = &q[i * nh * hd..(i + 1) * nh * hd];
+        let qi = &q[i * q_stride..i * q_stride + nh * hd];
         let oi = &mut out[i * nh * hd..(i + 1) * nh * hd];
         scores.clear();
         scores.resize(nh * m, 0.0);

@@ -14,4 +14,4 @@ pub mod forward;
 
 pub use batch::{Engine, EngineOptions, EngineStats, Finish, Finished, RequestId};
 pub use cache::{LayerKv, SeqKv};
-pub use forward::{CachedModel, StepOptions, StepOutput};
+pub use forward::{num_threads, pin_thread_count, CachedModel, StepOptions, StepOutput};

@@ -50,6 +50,11 @@ impl RmsNorm {
         })
     }
 
+    /// The scale weight [d] and ε (the KV-cached engine applies the norm row by row, `crate::engine`).
+    pub fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     /// Normalise over the last dim.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -280,6 +285,11 @@ impl DecoderLayer {
     /// The normalised MLP input (post-attention norm of the residual stream h).
     pub fn mlp_input(&self, h: &Tensor) -> Result<Tensor> {
         self.post_attn_norm.forward(h)
+    }
+
+    /// The input (pre-attention) and post-attention norms.
+    pub fn norms(&self) -> (&RmsNorm, &RmsNorm) {
+        (&self.input_norm, &self.post_attn_norm)
     }
 
     /// The MLP.
