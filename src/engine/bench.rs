@@ -200,6 +200,53 @@ fn workload(o: &GenerateBenchOptions, b: usize) -> Vec<(usize, u64)> {
         .collect()
 }
 
+/// Thresholds calibrated on text the model generates itself (the benchmark's own input distribution): start from
+/// random tokens, then twice generate 32 sequences of the mean length with the current thresholds and recalibrate
+/// on them.
+fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<Vec<f64>> {
+    let cm = CachedModel::new(model)?;
+    let len = (o.mean_len.round() as usize).clamp(8, o.context - 1);
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut seqs: Vec<Vec<u32>> = (0..32)
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(0..o.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let mut thr = calibrate_expert_thresholds(&cm, &seqs)?;
+    for round in 0..2u64 {
+        let mut engine = Engine::new(
+            model,
+            None,
+            EngineOptions {
+                max_batch: 32,
+                eos_token_id: Some(0),
+                expert_thresholds: Some(thr.clone()),
+                ignore_eos: true,
+            },
+        )?;
+        for i in 0..32u64 {
+            engine.submit(
+                Vec::new(),
+                SamplingParams {
+                    temperature: 1.0,
+                    seed: 1_000 + 10 * round + i,
+                    max_new_tokens: len - 1,
+                    ..Default::default()
+                },
+            )?;
+        }
+        seqs = engine
+            .run()?
+            .into_iter()
+            .map(|f| [f.prompt_tokens, f.tokens].concat())
+            .collect();
+        thr = calibrate_expert_thresholds(&cm, &seqs)?;
+    }
+    Ok(thr)
+}
+
 /// Run every variant at every batch size, interleaved, `rounds` times.
 pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
     let load_before = load_average();
@@ -209,16 +256,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
         let cfg = generate_variant_config(name, o)?;
         let model = MorModel::new(&cfg, &dev, 0)?;
         let thresholds = if cfg.expert_choice().is_some() {
-            let cm = CachedModel::new(&model)?;
-            let mut rng = StdRng::seed_from_u64(17);
-            let seqs: Vec<Vec<u32>> = (0..8)
-                .map(|_| {
-                    (0..o.mean_len.max(16.0) as usize)
-                        .map(|_| rng.random_range(0..o.vocab as u32))
-                        .collect()
-                })
-                .collect();
-            Some(calibrate_expert_thresholds(&cm, &seqs)?)
+            Some(calibrate_on_own_text(&model, o)?)
         } else {
             None
         };
@@ -317,8 +355,8 @@ impl fmt::Display for GenerateBenchReport {
         )?;
         writeln!(
             f,
-            "random weights: expert-choice thresholds calibrated on 8 random sequences so the depth distribution \
-             matches capacities (N_r−r)/N_r; time includes prefill, KV-cache updates and sampling"
+            "random weights: expert-choice thresholds calibrated on 32 sequences the model generated itself so the \
+             depth distribution matches capacities (N_r−r)/N_r; time includes prefill, KV-cache updates and sampling"
         )?;
         let mut seen = std::collections::BTreeSet::new();
         for r in &self.rows {
