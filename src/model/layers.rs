@@ -282,11 +282,6 @@ impl DecoderLayer {
         self.input_norm.forward(x)
     }
 
-    /// The normalised MLP input (post-attention norm of the residual stream h).
-    pub fn mlp_input(&self, h: &Tensor) -> Result<Tensor> {
-        self.post_attn_norm.forward(h)
-    }
-
     /// The input (pre-attention) and post-attention norms.
     pub fn norms(&self) -> (&RmsNorm, &RmsNorm) {
         (&self.input_norm, &self.post_attn_norm)
