@@ -1,10 +1,13 @@
-//! Text generation by full-sequence recompute with causal routing (spec §10.4): every step runs the whole
-//! context through the model, so expert-choice MoR uses its causal decode rule and never looks ahead.
-//! (KV-cached generation and depth-wise batching are separate work; this path is the reference they must match.)
+//! Text generation with causal routing (spec §10.4).
+//!
+//! [`generate`] decodes with the KV cache ([`crate::engine::CachedModel`]): the prompt is prefilled once and each
+//! new token costs one cached step. [`generate_reference`] recomputes the whole context through the full-sequence
+//! causal forward at every step; it is the reference the cached path must match token for token (tests/engine.rs).
 
 use candle_core::{IndexOp, Tensor};
 
 use crate::data::Tokenizer;
+use crate::engine::{CachedModel, StepOptions};
 use crate::error::{MorError, Result};
 use crate::model::{ForwardOptions, MorModel};
 use crate::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
@@ -33,15 +36,59 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Generate a continuation of `prompt`, calling `on_text` with each new piece of text as it is produced.
-/// An empty prompt starts from the EOS token, as the paper's unconditional throughput runs do. A prompt that fills
-/// the context is an error; `max_new_tokens` is clamped to the context that remains (with a log line).
+/// Generate a continuation of `prompt` with the KV cache, calling `on_text` with each new piece of text as it is
+/// produced. An empty prompt starts from the EOS token, as the paper's unconditional throughput runs do. A prompt
+/// that fills the context is an error; `max_new_tokens` is clamped to the context that remains (with a log line).
+/// Models the cache does not support (hybrid KV sharing) fall back to [`generate_reference`].
 pub fn generate(
     model: &MorModel,
     tokenizer: &Tokenizer,
     prompt: &str,
     params: &SamplingParams,
     on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let cached = match CachedModel::new(model) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{e}; generating by full recompute");
+            return generate_reference(model, tokenizer, prompt, params, on_text);
+        }
+    };
+    let mut cache = cached.new_cache();
+    let opts = StepOptions::default();
+    generate_with(model, tokenizer, prompt, params, on_text, &mut |context| {
+        let new = &context[cache.seq_len()..];
+        let out = cached.step(&mut [&mut cache], &[new], &opts)?;
+        Ok(out.logits.i(0)?)
+    })
+}
+
+/// [`generate`] by full-sequence recompute: every step runs the whole context through the causal forward.
+pub fn generate_reference(
+    model: &MorModel,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    params: &SamplingParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let opts = ForwardOptions::causal();
+    generate_with(model, tokenizer, prompt, params, on_text, &mut |context| {
+        let ids = Tensor::from_vec(context.to_vec(), (1, context.len()), model.device())?;
+        Ok(model
+            .forward(&ids, &opts)?
+            .logits
+            .i((0, context.len() - 1))?)
+    })
+}
+
+/// The generation loop; `next_logits(context)` returns the logits [V] of the last context position.
+fn generate_with(
+    model: &MorModel,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    params: &SamplingParams,
+    on_text: &mut dyn FnMut(&str),
+    next_logits: &mut dyn FnMut(&[u32]) -> Result<Tensor>,
 ) -> Result<Generation> {
     let ctx = model.config().max_position_embeddings;
     if tokenizer.vocab_size() > model.config().vocab_size {
@@ -86,11 +133,9 @@ pub fn generate(
     let mut decoded_len = 0;
     let mut streamed = 0;
     let mut finish = FinishReason::Length;
-    let opts = ForwardOptions::causal();
     for _ in 0..max_new {
-        let ids = Tensor::from_vec(context.clone(), (1, context.len()), model.device())?;
-        let logits = model.forward(&ids, &opts)?.logits;
-        let next = sampler.sample_tensor(&logits.i((0, context.len() - 1))?, &context)?;
+        let logits = next_logits(&context)?;
+        let next = sampler.sample_tensor(&logits, &context)?;
         if next == tokenizer.eos_id() {
             finish = FinishReason::Eos;
             break;

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod flops;

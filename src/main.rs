@@ -315,6 +315,36 @@ enum BenchCommand {
         )]
         variants: String,
     },
+    /// Generation throughput (KV cache, continuous / depth-wise batching) of vanilla, recursive and MoR.
+    Generate {
+        /// Model width.
+        #[arg(long, default_value_t = 256)]
+        hidden_size: usize,
+        /// Unrolled layers ((layers − 2) divisible by every N_r; 14 serves N_r = 2, 3, 4).
+        #[arg(long, default_value_t = 14)]
+        layers: usize,
+        /// Batch sizes (comma-separated).
+        #[arg(long, default_value = "1,8,32,64")]
+        batches: String,
+        /// Mean generation length.
+        #[arg(long, default_value_t = 64.0)]
+        mean_len: f64,
+        /// Standard deviation of the generation length.
+        #[arg(long, default_value_t = 16.0)]
+        std_len: f64,
+        /// Requests per batch slot.
+        #[arg(long, default_value_t = 3)]
+        requests_per_slot: usize,
+        /// Rounds of interleaved runs.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Variants (comma-separated; `+kv` suffix = recursive KV sharing); the first is the baseline.
+        #[arg(
+            long,
+            default_value = "vanilla,recursive-3,mor-expert-2,mor-expert-3,mor-expert-4"
+        )]
+        variants: String,
+    },
 }
 
 fn model_config(config: &Option<PathBuf>, preset: &Option<String>) -> Result<ModelConfig> {
@@ -629,6 +659,7 @@ fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     mor::alloc::keep_freed_memory();
+    mor::engine::pin_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -743,6 +774,41 @@ fn main() -> Result<()> {
             println!("{}", mor::bench::bench_train(&o)?);
         }
         Command::Eval(c) => mor::eval::cli::run(&c)?,
+        Command::Bench(BenchCommand::Generate {
+            hidden_size,
+            layers,
+            batches,
+            mean_len,
+            std_len,
+            requests_per_slot,
+            rounds,
+            variants,
+        }) => {
+            let list = |s: &str| {
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .collect::<Vec<_>>()
+            };
+            let batches = list(&batches)
+                .iter()
+                .map(|b| {
+                    b.parse::<usize>()
+                        .with_context(|| format!("--batches: {b:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let o = mor::engine::bench::GenerateBenchOptions {
+                hidden_size,
+                layers,
+                batches,
+                mean_len,
+                std_len,
+                requests_per_slot,
+                rounds,
+                variants: list(&variants),
+                ..Default::default()
+            };
+            println!("{}", mor::engine::bench::bench_generate(&o)?);
+        }
     }
     Ok(())
 }

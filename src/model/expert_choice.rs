@@ -103,8 +103,13 @@ impl ExpertChoice {
         })
     }
 
+    /// Settings.
+    pub fn config(&self) -> &ExpertChoiceConfig {
+        &self.cfg
+    }
+
     /// The router function G applied to raw logits (paper Eq. 2.1).
-    fn activate(&self, logits: &Tensor) -> Result<Tensor> {
+    pub fn activate(&self, logits: &Tensor) -> Result<Tensor> {
         Ok(match self.cfg.router_func {
             ExpertRouterFunc::Sigmoid => candle_nn::ops::sigmoid(logits)?,
             ExpertRouterFunc::Tanh => logits.tanh()?,

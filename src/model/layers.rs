@@ -50,6 +50,11 @@ impl RmsNorm {
         })
     }
 
+    /// The scale weight [d] and ε (the KV-cached engine applies the norm row by row, `crate::engine`).
+    pub fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     /// Normalise over the last dim.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -149,6 +154,16 @@ impl Attention {
         })
     }
 
+    /// (query heads, key/value heads, head width).
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.n_heads, self.n_kv, self.head_dim)
+    }
+
+    /// The q, k, v and o projection weights ([out, in]); the KV-cached engine fuses them (`crate::engine`).
+    pub fn weights(&self) -> [&Tensor; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
+    }
+
     fn heads(&self, x: &Tensor, n_heads: usize) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         Ok(x.reshape((b, n, n_heads, self.head_dim))?
@@ -214,6 +229,11 @@ impl Mlp {
         })
     }
 
+    /// The gate, up and down projection weights ([out, in]); the KV-cached engine fuses them (`crate::engine`).
+    pub fn weights(&self) -> [&Tensor; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
     /// Apply the MLP.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = linear(x, &self.gate)?;
@@ -260,6 +280,16 @@ impl DecoderLayer {
     /// The normalised attention input, from which keys/values are projected.
     pub fn attn_input(&self, x: &Tensor) -> Result<Tensor> {
         self.input_norm.forward(x)
+    }
+
+    /// The input (pre-attention) and post-attention norms.
+    pub fn norms(&self) -> (&RmsNorm, &RmsNorm) {
+        (&self.input_norm, &self.post_attn_norm)
+    }
+
+    /// The MLP.
+    pub fn mlp(&self) -> &Mlp {
+        &self.mlp
     }
 
     /// Run the layer on x [B, n, d]; returns the output and the K/V it attended over.

@@ -62,6 +62,35 @@ impl TokenChoice {
         })
     }
 
+    /// The routing decision for the rows of H¹ (`x`, [N, d]): raw logits [N, N_r], α-scaled probabilities, the chosen
+    /// expert per row (argmax of probabilities plus the loss-free bias) and its gate (the unbiased probability).
+    /// Each row is decided from itself alone, so this is causal; the KV-cached engine calls it per new token.
+    pub fn route(
+        &self,
+        x: &Tensor,
+        step: Option<usize>,
+    ) -> Result<(Tensor, Tensor, Vec<u32>, Tensor)> {
+        let n = x.dim(0)?;
+        let logits = self.router.forward(&(x / self.temp)?)?;
+        let probs = (match self.cfg.router_func {
+            TokenRouterFunc::Softmax => softmax_last(&logits)?,
+            TokenRouterFunc::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        } * self.cfg.alpha)?;
+        let warming = step.is_some_and(|s| s < self.cfg.bal_warmup_step);
+        let expert: Vec<u32> = if warming {
+            vec![self.n_r as u32 - 1; n]
+        } else {
+            let scores = match &self.bias {
+                Some(bias) => probs.broadcast_add(bias)?,
+                None => probs.clone(),
+            };
+            scores.argmax(D::Minus1)?.to_vec1()?
+        };
+        let expert_t = Tensor::from_vec(expert.clone(), (n, 1), x.device())?;
+        let gate = probs.gather(&expert_t, 1)?.squeeze(1)?;
+        Ok((logits, probs, expert, gate))
+    }
+
     /// Route H¹ (`x`, [B·T, d] flat) through the recursions; `block(r, x, subset)` runs recursion r's layers.
     /// `step` is the training step (for the balancing warm-up), `None` outside training.
     pub fn forward(
@@ -73,23 +102,7 @@ impl TokenChoice {
         block: &mut dyn FnMut(usize, &Tensor, &Subset) -> Result<Tensor>,
     ) -> Result<(Tensor, TokenTrace, RouterLosses)> {
         let dev = x.device().clone();
-        let logits = self.router.forward(&(&x / self.temp)?)?;
-        let probs = (match self.cfg.router_func {
-            TokenRouterFunc::Softmax => softmax_last(&logits)?,
-            TokenRouterFunc::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
-        } * self.cfg.alpha)?;
-        let warming = step.is_some_and(|s| s < self.cfg.bal_warmup_step);
-        let expert: Vec<u32> = if warming {
-            vec![self.n_r as u32 - 1; b * t]
-        } else {
-            let scores = match &self.bias {
-                Some(bias) => probs.broadcast_add(bias)?,
-                None => probs.clone(),
-            };
-            scores.argmax(D::Minus1)?.to_vec1()?
-        };
-        let expert_t = Tensor::from_vec(expert.clone(), (b * t, 1), &dev)?;
-        let gate = probs.gather(&expert_t, 1)?.squeeze(1)?;
+        let (logits, probs, expert, gate) = self.route(&x, step)?;
         let mut counts = vec![0usize; self.n_r];
         for &e in &expert {
             counts[e as usize] += 1;

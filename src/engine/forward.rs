@@ -1,0 +1,574 @@
+//! The KV-cached, depth-wise batched forward (paper §3.3 / App. E, spec §4).
+//!
+//! One call consumes a chunk of new tokens for each of several sequences (a whole prompt for a prefill, one token
+//! for a decode step; both may be mixed in one call). The new tokens of all sequences are flattened into one batch
+//! of rows. Every unique layer, prefix and suffix layer runs once on all rows; recursion r runs once on the rows of
+//! the tokens routed to depth r, whichever sequence they belong to (depth-wise batching: they share weights, so one
+//! matmul serves them all), and tokens that exited earlier cost nothing there. Only attention is per sequence: each
+//! row reads its own sequence's cache of that layer, up to its own position.
+//!
+//! Routing follows [`ForwardOptions::causal`](crate::model::ForwardOptions::causal) exactly (spec §10.4): each token
+//! is routed from its own hidden state only, so the cached result equals the full-sequence causal forward.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{DecodeRule, Gating};
+use crate::engine::cache::{LayerKv, SeqKv};
+use crate::error::{MorError, Result};
+use crate::model::{MorModel, Routing};
+
+/// One layer prepared for decoding: fused, pre-transposed f32 weights (`x @ w` is a plain row-major GEMM and
+/// q/k/v, gate/up are one matmul each) and the norm scales. Everything between the matmuls runs as plain loops over
+/// the rows: at decode sizes candle's per-op overhead, not arithmetic, dominates (measured, see the report).
+#[derive(Debug, Clone)]
+struct FusedLayer {
+    /// [d, (H + 2·kv)·hd]: queries, keys, values.
+    qkv: Tensor,
+    /// [d, H·hd]: queries only (layers that read a shared cache).
+    q: Tensor,
+    /// [H·hd, d].
+    o: Tensor,
+    /// [d, 2f]: gate then up.
+    gate_up: Tensor,
+    /// [f, d].
+    down: Tensor,
+    /// Input and post-attention norm scales [d].
+    norm_in: Vec<f32>,
+    norm_post: Vec<f32>,
+}
+
+/// Options of [`CachedModel::step`].
+#[derive(Debug, Clone, Default)]
+pub struct StepOptions {
+    /// Return the logits of every new token ([N, V]) instead of the last one of each sequence ([S, V]).
+    pub all_logits: bool,
+    /// Expert-choice only: per-recursion probability thresholds replacing the config's decode-rule threshold (for
+    /// routers calibrated to a target depth distribution, e.g. the synthetic throughput benchmark). A recursion at
+    /// capacity ≥ 1 still keeps every token.
+    pub expert_thresholds: Option<Vec<f64>>,
+    /// Record, per recursion, σ(decision logit) of each candidate (for threshold calibration).
+    pub trace_router: bool,
+}
+
+/// The result of one [`CachedModel::step`].
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Logits [S, V] (last new token per sequence) or [N, V] (every new token).
+    pub logits: Tensor,
+    /// Recursions each new token ran (flat, sequences in order; N_r for unrouted models, 1 for vanilla).
+    pub depths: Vec<usize>,
+    /// With `trace_router`: per recursion, σ(decision logit) of each candidate token (expert-choice only).
+    pub router_probs: Vec<Vec<f32>>,
+}
+
+/// A model prepared for KV-cached, depth-wise batched decoding.
+#[derive(Debug, Clone)]
+pub struct CachedModel<'m> {
+    model: &'m MorModel,
+    /// One entry per unrolled layer (shared layers share the tensors).
+    fused: Vec<FusedLayer>,
+    dims: (usize, usize, usize),
+    eps: f32,
+    /// RoPE tables [max_pos, hd] (the model's, in f32).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The new tokens of one step, flattened.
+struct Rows<'a, 'b> {
+    /// Sequence of each row.
+    seq: Vec<usize>,
+    /// Position of each row.
+    pos: Vec<u32>,
+    caches: &'a mut [&'b mut SeqKv],
+}
+
+impl<'m> CachedModel<'m> {
+    /// Prepare `model`. Errors on the configurations the cache does not support: the hybrid KV-sharing variant
+    /// (`kv_sharing.update_cache`, whose overwritten K/V would need per-depth copies) and KV sharing under
+    /// expert-choice whose first recursion does not keep every token (deeper depths would lack keys).
+    pub fn new(model: &'m MorModel) -> Result<Self> {
+        let cfg = model.config();
+        if let Some(kv) = &cfg.kv_sharing {
+            if kv.update_cache {
+                return Err(MorError::Config(
+                    "the KV-cached engine does not support kv_sharing.update_cache (hybrid †); use the \
+                     full-recompute reference generate_reference"
+                        .into(),
+                ));
+            }
+            if cfg.expert_choice().is_some() && cfg.capacities().first().is_some_and(|&c| c < 1.0) {
+                return Err(MorError::Config(
+                    "KV sharing needs the first recursion at capacity 1 (every token writes the shared cache)"
+                        .into(),
+                ));
+            }
+        }
+        let mut by_source: std::collections::HashMap<usize, FusedLayer> = Default::default();
+        let mut fused = Vec::with_capacity(model.layers().len());
+        for (i, layer) in model.layers().iter().enumerate() {
+            let src = model.layout().source[i];
+            if let std::collections::hash_map::Entry::Vacant(e) = by_source.entry(src) {
+                let [q, k, v, o] = layer.attn.weights();
+                let [g, u, dn] = layer.mlp().weights();
+                let prep = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.to_dtype(DType::F32)?.t()?.contiguous()?)
+                };
+                let (n_in, n_post) = layer.norms();
+                let f = FusedLayer {
+                    qkv: prep(Tensor::cat(&[q, k, v], 0)?)?,
+                    q: prep(q.clone())?,
+                    o: prep(o.clone())?,
+                    gate_up: prep(Tensor::cat(&[g, u], 0)?)?,
+                    down: prep(dn.clone())?,
+                    norm_in: to_f32_vec(n_in.parts().0)?,
+                    norm_post: to_f32_vec(n_post.parts().0)?,
+                };
+                e.insert(f);
+            }
+            fused.push(by_source[&src].clone());
+        }
+        let dims = model.layers().first().map_or((1, 1, 1), |l| l.attn.dims());
+        let eps = model
+            .layers()
+            .first()
+            .map_or(1e-5, |l| l.norms().0.parts().1) as f32;
+        let max_pos = model.rope().max_positions();
+        let all = Tensor::arange(0u32, max_pos as u32, model.device())?.reshape((1, max_pos))?;
+        let (cos, sin) = model.rope().at(&all)?;
+        Ok(CachedModel {
+            model,
+            fused,
+            dims,
+            eps,
+            cos: to_f32_vec(&cos)?,
+            sin: to_f32_vec(&sin)?,
+        })
+    }
+
+    /// The underlying model.
+    pub fn model(&self) -> &MorModel {
+        self.model
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> SeqKv {
+        SeqKv::new(self.model)
+    }
+
+    /// Consume `tokens[s]` (non-empty) for the sequence whose cache is `caches[s]`, for every s, and return logits.
+    /// Positions continue from each cache's [`SeqKv::seq_len`]. On error the caches may hold part of the step and
+    /// should be discarded.
+    pub fn step(
+        &self,
+        caches: &mut [&mut SeqKv],
+        tokens: &[&[u32]],
+        opts: &StepOptions,
+    ) -> Result<StepOutput> {
+        if caches.len() != tokens.len() {
+            return Err(MorError::Request(format!(
+                "{} caches for {} token chunks",
+                caches.len(),
+                tokens.len()
+            )));
+        }
+        let cfg = self.model.config();
+        let max_pos = self.model.rope().max_positions();
+        let mut ids = Vec::new();
+        let mut seq = Vec::new();
+        let mut pos = Vec::new();
+        for (s, (c, t)) in caches.iter().zip(tokens).enumerate() {
+            if t.is_empty() {
+                return Err(MorError::Request(format!("sequence {s}: no new tokens")));
+            }
+            if c.seq_len + t.len() > max_pos {
+                return Err(MorError::Request(format!(
+                    "sequence {s}: {} tokens exceed the context of {max_pos}",
+                    c.seq_len + t.len()
+                )));
+            }
+            if let Some(&bad) = t.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+                return Err(MorError::Request(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    cfg.vocab_size
+                )));
+            }
+            for (j, &x) in t.iter().enumerate() {
+                ids.push(x);
+                seq.push(s);
+                pos.push((c.seq_len + j) as u32);
+            }
+        }
+        let n = ids.len();
+        let dev = self.model.device();
+        let d = cfg.hidden_size;
+        let x = self
+            .model
+            .embed(&Tensor::from_vec(ids, (1, n), dev)?)?
+            .reshape((n, d))?;
+        let mut rows = Rows { seq, pos, caches };
+        let all: Vec<usize> = (0..n).collect();
+        let layout = self.model.layout();
+        let mut x = x;
+        for i in 0..layout.prefix {
+            x = self.layer(i, &x, &all, &mut rows)?;
+        }
+        let n_r = layout.num_recursion;
+        let mut depths = vec![if layout.base_depth == 0 { 1 } else { n_r }; n];
+        let mut router_probs = Vec::new();
+        x = match self.model.routing() {
+            Routing::None => {
+                for i in layout.prefix..layout.suffix_layers().start {
+                    x = self.layer(i, &x, &all, &mut rows)?;
+                }
+                x
+            }
+            Routing::Expert(ec) => {
+                let mut cand = all.clone();
+                depths.iter_mut().for_each(|v| *v = 0);
+                for r in 0..n_r {
+                    if cand.is_empty() {
+                        break;
+                    }
+                    let cand_t = index_tensor(&cand, dev)?;
+                    let xc = x.index_select(&cand_t, 0)?;
+                    let logits = ec.logits(r, &xc, false)?;
+                    let probs = (ec.activate(&logits)? * ec.config().alpha)?;
+                    let full = ec.capacity(r, None) >= 1.0;
+                    let (chosen, traced) = match (&opts.expert_thresholds, opts.trace_router) {
+                        (None, false) => (ec.causal_decision(r, &xc, &logits)?, None),
+                        (thr, _) => {
+                            let (rule_logits, base) = match ec.config().decode_rule {
+                                DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
+                                DecodeRule::AuxRouter { threshold } => {
+                                    (ec.logits(r, &xc, true)?, threshold)
+                                }
+                            };
+                            let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
+                                .to_dtype(DType::F32)?
+                                .to_vec1()?;
+                            let t = thr.as_ref().and_then(|t| t.get(r).copied()).unwrap_or(base);
+                            // Same comparison as `ExpertChoice::causal_decision`.
+                            let chosen = p.iter().map(|&v| full || f64::from(v) >= t).collect();
+                            (chosen, Some(p))
+                        }
+                    };
+                    if let Some(p) = traced.filter(|_| opts.trace_router) {
+                        router_probs.push(p);
+                    }
+                    let local: Vec<usize> = (0..cand.len()).filter(|&i| chosen[i]).collect();
+                    if local.is_empty() {
+                        break;
+                    }
+                    let sel: Vec<usize> = local.iter().map(|&i| cand[i]).collect();
+                    let gates = probs.index_select(&index_tensor(&local, dev)?, 0)?;
+                    let mut h = xc.index_select(&index_tensor(&local, dev)?, 0)?;
+                    for i in layout.recursion_layers(r) {
+                        h = self.layer(i, &h, &sel, &mut rows)?;
+                    }
+                    let upd = match ec.config().gating {
+                        Gating::Weighted => h.broadcast_mul(&gates.unsqueeze(1)?)?,
+                        Gating::Additive => h,
+                    };
+                    x = x.index_add(&index_tensor(&sel, dev)?, &upd, 0)?;
+                    for &t in &sel {
+                        depths[t] += 1;
+                    }
+                    cand = sel;
+                }
+                x
+            }
+            Routing::Token(tc) => {
+                let (_, _, expert, gate) = tc.route(&x, None)?;
+                let mut out = x.clone();
+                let mut active = all.clone();
+                let mut h = x;
+                for r in 0..n_r {
+                    if active.is_empty() {
+                        break;
+                    }
+                    for i in layout.recursion_layers(r) {
+                        h = self.layer(i, &h, &active, &mut rows)?;
+                    }
+                    let fin_local: Vec<usize> = (0..active.len())
+                        .filter(|&i| expert[active[i]] as usize == r)
+                        .collect();
+                    if !fin_local.is_empty() {
+                        let fin: Vec<usize> = fin_local.iter().map(|&i| active[i]).collect();
+                        let fin_t = index_tensor(&fin, dev)?;
+                        let y = h.index_select(&index_tensor(&fin_local, dev)?, 0)?;
+                        let upd = match tc.config().gating {
+                            Gating::Weighted => {
+                                y.broadcast_mul(&gate.index_select(&fin_t, 0)?.unsqueeze(1)?)?
+                            }
+                            Gating::Additive => y,
+                        };
+                        // Finishing tokens end as H¹ + g·Block_r(…) (official token-choice code).
+                        out = out.index_add(&fin_t, &upd, 0)?;
+                        for &t in &fin {
+                            depths[t] = r + 1;
+                        }
+                    }
+                    let cont_local: Vec<usize> = (0..active.len())
+                        .filter(|&i| expert[active[i]] as usize > r)
+                        .collect();
+                    if cont_local.len() < active.len() && !cont_local.is_empty() {
+                        h = h.index_select(&index_tensor(&cont_local, dev)?, 0)?;
+                    }
+                    active = cont_local.iter().map(|&i| active[i]).collect();
+                }
+                out
+            }
+        };
+        for i in layout.suffix_layers() {
+            x = self.layer(i, &x, &all, &mut rows)?;
+        }
+        let x = if opts.all_logits {
+            x
+        } else {
+            let mut last = Vec::with_capacity(tokens.len());
+            let mut off = 0;
+            for t in tokens {
+                off += t.len();
+                last.push(off - 1);
+            }
+            x.index_select(&index_tensor(&last, dev)?, 0)?
+        };
+        let logits = self.model.head(&x)?;
+        for (c, t) in rows.caches.iter_mut().zip(tokens) {
+            c.seq_len += t.len();
+        }
+        Ok(StepOutput {
+            logits,
+            depths,
+            router_probs,
+        })
+    }
+
+    /// One decoder layer on the rows `toks` (indices into the step's rows) whose hidden states are `x` [n, d]:
+    /// writes their K/V into this layer's cache (unless it reads a shared cache) and attends each row over its own
+    /// sequence's cache up to its position. Same arithmetic as `DecoderLayer::forward` (pre-norm, RoPE, GQA,
+    /// SwiGLU), with the elementwise parts as loops.
+    fn layer(
+        &self,
+        idx: usize,
+        x: &Tensor,
+        toks: &[usize],
+        rows: &mut Rows<'_, '_>,
+    ) -> Result<Tensor> {
+        let w = &self.fused[idx];
+        let (nh, nkv, hd) = self.dims;
+        let n = toks.len();
+        let dev = x.device();
+        let d = x.dim(1)?;
+        let src = self.model.kv_source_layer(idx);
+        let writes = src == idx;
+        let xv = to_f32_vec(x)?;
+        let normed = rms_rows(&xv, &w.norm_in, self.eps);
+        let mut proj = matmul_rows(normed, n, if writes { &w.qkv } else { &w.q })?;
+        let pw = proj.len() / n;
+        // RoPE on queries and keys in place (HF rotate_half: [x1, x2] → [x1·c − x2·s, x2·c + x1·s]).
+        let heads = if writes { nh + nkv } else { nh };
+        for (i, &t) in toks.iter().enumerate() {
+            let p = rows.pos[t] as usize;
+            let (c, s) = (
+                &self.cos[p * hd..(p + 1) * hd],
+                &self.sin[p * hd..(p + 1) * hd],
+            );
+            for h in 0..heads {
+                rope_in_place(&mut proj[i * pw + h * hd..i * pw + (h + 1) * hd], c, s);
+            }
+        }
+        if writes {
+            let (ko, vo, row) = (nh * hd, (nh + nkv) * hd, nkv * hd);
+            for (i, &t) in toks.iter().enumerate() {
+                let r = &proj[i * pw..(i + 1) * pw];
+                rows.caches[rows.seq[t]].layers[idx].push(
+                    rows.pos[t],
+                    &r[ko..ko + row],
+                    &r[vo..vo + row],
+                );
+            }
+        }
+        let items: Vec<(&LayerKv, u32)> = toks
+            .iter()
+            .map(|&t| (&rows.caches[rows.seq[t]].layers[src], rows.pos[t]))
+            .collect();
+        let att = attend(&proj, pw, &items, nh, nkv, hd);
+        let mut h = matmul_rows(att, n, &w.o)?;
+        for (a, b) in h.iter_mut().zip(&xv) {
+            *a += b;
+        }
+        let gu = matmul_rows(rms_rows(&h, &w.norm_post, self.eps), n, &w.gate_up)?;
+        let f = gu.len() / n / 2;
+        let mut act = Vec::with_capacity(n * f);
+        for r in gu.chunks_exact(2 * f) {
+            let (g, u) = r.split_at(f);
+            act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        }
+        let down = matmul_rows(act, n, &w.down)?;
+        for (a, b) in h.iter_mut().zip(&down) {
+            *a += b;
+        }
+        Ok(Tensor::from_vec(h, (n, d), dev)?.to_dtype(x.dtype())?)
+    }
+}
+
+/// RMSNorm of each row of `x` ([n, d], d = w.len()): x / sqrt(mean(x²) + ε) · w.
+fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for r in x.chunks_exact(d) {
+        let inv = 1.0 / (dot(r, r) / d as f32 + eps).sqrt();
+        out.extend(r.iter().zip(w).map(|(&a, &b)| a * inv * b));
+    }
+    out
+}
+
+/// `x @ w` for rows x [n, k] (owned, moved into the tensor) and a pre-transposed [k, m] weight, as a flat Vec.
+fn matmul_rows(x: Vec<f32>, n: usize, w: &Tensor) -> Result<Vec<f32>> {
+    let k = x.len() / n.max(1);
+    let t = Tensor::from_vec(x, (n, k), w.device())?;
+    Ok(t.matmul(w)?.flatten_all()?.to_vec1()?)
+}
+
+/// Rotate one head vector in place with the cos/sin rows of its position.
+#[inline]
+fn rope_in_place(x: &mut [f32], c: &[f32], s: &[f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
+    }
+}
+
+fn index_tensor(idx: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    Ok(Tensor::from_vec(v, idx.len(), dev)?)
+}
+
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// Dot product in 8 independent lanes so the compiler vectorises it (a single f32 accumulator cannot be reordered).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// candle's thread count, read once: `candle_core::utils::get_num_threads` re-detects the CPUs (parsing /proc) on
+/// every call unless RAYON_NUM_THREADS is set.
+pub fn num_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// Pin candle's thread count (RAYON_NUM_THREADS) to its detected value, once, at program start-up: candle asks for it
+/// on every matmul and without the variable re-reads /proc each time (a quarter of batch-1 decode time in a profile).
+/// Call before any other thread exists (it sets an environment variable).
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", num_threads().to_string());
+    }
+}
+
+/// Attention of query rows `q` ([n, ·] with stride `q_stride`, the first H·hd of each row are the rotated queries) each over its own cache (`items[i]`: the cache and the query's
+/// position; entries at positions ≤ it are visible). GQA: query head h reads key head h / (H / kv) (HF repeat_kv).
+/// Returns [n, H·hd]. Rows are independent, so large batches are split across threads.
+fn attend(
+    q: &[f32],
+    q_stride: usize,
+    items: &[(&LayerKv, u32)],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let n = items.len();
+    let mut out = vec![0f32; n * nh * hd];
+    let work: usize = items.iter().map(|(c, p)| c.visible(*p)).sum::<usize>() * nh * hd;
+    let threads = num_threads().clamp(1, n.max(1));
+    // Below ~1 MFLOP a thread costs more than it saves.
+    if threads == 1 || work < 250_000 {
+        attend_rows(q, q_stride, items, &mut out, nh, nkv, hd);
+        return out;
+    }
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        for ((qc, ic), oc) in q
+            .chunks(per * q_stride)
+            .zip(items.chunks(per))
+            .zip(out.chunks_mut(per * nh * hd))
+        {
+            s.spawn(move || attend_rows(qc, q_stride, ic, oc, nh, nkv, hd));
+        }
+    });
+    out
+}
+
+fn attend_rows(
+    q: &[f32],
+    q_stride: usize,
+    items: &[(&LayerKv, u32)],
+    out: &mut [f32],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) {
+    let rep = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let row = nkv * hd;
+    let mut scores: Vec<f32> = Vec::new();
+    for (i, (cache, p)) in items.iter().enumerate() {
+        let m = cache.visible(*p);
+        let qi = &q[i * q_stride..i * q_stride + nh * hd];
+        let oi = &mut out[i * nh * hd..(i + 1) * nh * hd];
+        scores.clear();
+        scores.resize(nh * m, 0.0);
+        for j in 0..m {
+            let kj = &cache.k[j * row..(j + 1) * row];
+            for h in 0..nh {
+                let g = h / rep;
+                scores[h * m + j] =
+                    dot(&qi[h * hd..(h + 1) * hd], &kj[g * hd..(g + 1) * hd]) * scale;
+            }
+        }
+        for h in 0..nh {
+            let s = &mut scores[h * m..(h + 1) * m];
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in s.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for v in s.iter_mut() {
+                *v *= inv;
+            }
+        }
+        for j in 0..m {
+            let vj = &cache.v[j * row..(j + 1) * row];
+            for h in 0..nh {
+                let g = h / rep;
+                let w = scores[h * m + j];
+                let (o, v) = (&mut oi[h * hd..(h + 1) * hd], &vj[g * hd..(g + 1) * hd]);
+                for (a, b) in o.iter_mut().zip(v) {
+                    *a += w * b;
+                }
+            }
+        }
+    }
+}

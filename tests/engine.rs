@@ -1,0 +1,550 @@
+//! The KV-cached engine against the full-sequence causal forward: same logits at every position for every model
+//! variant (prefill + decode, several sequences batched in one step), KV-cache memory as in the paper's Table 2, and
+//! the continuous-batching engine producing the reference tokens with requests arriving while others run.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use mor::config::ModelConfig;
+use mor::data::Tokenizer;
+use mor::engine::bench::calibrate_expert_thresholds;
+use mor::engine::cache::recursion_block;
+use mor::engine::{CachedModel, Engine, EngineOptions, Finish, SeqKv, StepOptions};
+use mor::model::params::ParamStore;
+use mor::model::token_choice::BIAS_NAME;
+use mor::model::{ForwardOptions, MorModel};
+use mor::sampling::{Sampler, SamplingParams};
+use mor::{MorError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const DEV: Device = Device::Cpu;
+const VOCAB: usize = 64;
+const CTX: usize = 48;
+
+fn model_json(layers: usize, extra: &str) -> String {
+    format!(
+        r#"{{"vocab_size":{VOCAB},"hidden_size":32,"intermediate_size":64,"num_hidden_layers":{layers},
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":{CTX},
+            "initializer_range":0.2{extra}}}"#
+    )
+}
+
+fn randn(rng: &mut StdRng, dims: &[usize], mean: f64, std: f64) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            // Box-Muller.
+            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+            (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, dims, &DEV)?)
+}
+
+/// A small f32 model whose routers are re-drawn at a large std so routing decisions are non-degenerate (as in
+/// tests/gradcheck.rs), with norms at 1 + N(0, 0.2²) and a random loss-free bias of the size of the probabilities.
+fn tiny_model(json: &str, seed: u64) -> Result<MorModel> {
+    let cfg = ModelConfig::from_json(json)?;
+    let model = MorModel::init(&cfg, ParamStore::with_dtype(&DEV, seed, DType::F32))?;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    for (name, v) in model.params().iter() {
+        let dims = v.dims();
+        let t = if name == BIAS_NAME {
+            randn(&mut rng, dims, 0.0, 0.1)?
+        } else if name.contains("router") && name.ends_with(".2.weight") {
+            randn(&mut rng, dims, 0.0, 2.0 / (dims[1] as f64).sqrt())?
+        } else if name.contains("router") {
+            randn(&mut rng, dims, 0.0, 2.0)?
+        } else if name.contains("norm") {
+            randn(&mut rng, dims, 1.0, 0.2)?
+        } else {
+            continue;
+        };
+        v.set(&t)?;
+    }
+    Ok(model)
+}
+
+fn random_tokens(rng: &mut StdRng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..VOCAB as u32)).collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+/// Full-sequence causal logits [T, V] of one sequence.
+fn reference_logits(model: &MorModel, tokens: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &DEV)?;
+    Ok(model
+        .forward(&ids, &ForwardOptions::causal())?
+        .logits
+        .i(0)?)
+}
+
+/// Three sequences fed through one cache each, batched in the same steps with different chunkings (prefill of 10
+/// then single tokens; chunks of 5; a late start with a prefill of 7 then single tokens). Returns the largest
+/// difference to the full-sequence causal logits and the depth histogram.
+fn cached_vs_full(model: &MorModel, seed: u64) -> Result<(f32, Vec<usize>)> {
+    let cm = CachedModel::new(model)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let seqs: Vec<Vec<u32>> = [30, 25, 20]
+        .iter()
+        .map(|&n| random_tokens(&mut rng, n))
+        .collect();
+    let schedules: [Vec<usize>; 3] = [
+        std::iter::once(10)
+            .chain(std::iter::repeat_n(1, 20))
+            .collect(),
+        vec![5; 5],
+        std::iter::repeat_n(0, 4)
+            .chain(std::iter::once(7))
+            .chain(std::iter::repeat_n(1, 13))
+            .collect(),
+    ];
+    let mut caches: Vec<SeqKv> = (0..3).map(|_| cm.new_cache()).collect();
+    let mut got: Vec<Vec<Tensor>> = vec![Vec::new(); 3];
+    let mut hist = vec![0usize; model.layout().num_recursion + 1];
+    let opts = StepOptions {
+        all_logits: true,
+        ..Default::default()
+    };
+    for step in 0.. {
+        let mut idx = Vec::new();
+        let mut chunks: Vec<&[u32]> = Vec::new();
+        for (s, sched) in schedules.iter().enumerate() {
+            let Some(&n) = sched.get(step) else { continue };
+            let start = caches[s].seq_len();
+            if n > 0 {
+                idx.push(s);
+                chunks.push(&seqs[s][start..start + n]);
+            }
+        }
+        if idx.is_empty() && schedules.iter().all(|s| step >= s.len()) {
+            break;
+        }
+        if idx.is_empty() {
+            continue;
+        }
+        let mut refs: Vec<&mut SeqKv> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| idx.contains(i))
+            .map(|(_, c)| c)
+            .collect();
+        let out = cm.step(&mut refs, &chunks, &opts)?;
+        for &d in &out.depths {
+            hist[d] += 1;
+        }
+        let mut off = 0;
+        for (s, c) in idx.iter().zip(&chunks) {
+            got[*s].push(out.logits.narrow(0, off, c.len())?);
+            off += c.len();
+        }
+    }
+    let mut worst = 0f32;
+    for (s, seq) in seqs.iter().enumerate() {
+        assert_eq!(caches[s].seq_len(), seq.len());
+        let cached = Tensor::cat(&got[s], 0)?;
+        worst = worst.max(max_abs_diff(&cached, &reference_logits(model, seq)?)?);
+    }
+    Ok((worst, hist))
+}
+
+const MIDDLE3: &str = r#","recursion":{"sharing":"middle_cycle","num_recursion":3}"#;
+
+fn variants() -> Vec<(&'static str, String)> {
+    let rec = |sharing: &str, n: usize| {
+        format!(r#","recursion":{{"sharing":"{sharing}","num_recursion":{n}}}"#)
+    };
+    let mor = |m: &str| format!(r#"{MIDDLE3},"mor":{m}"#);
+    vec![
+        ("vanilla", model_json(8, "")),
+        (
+            "recursive middle_cycle N_r=3",
+            model_json(8, &rec("middle_cycle", 3)),
+        ),
+        (
+            "recursive middle_sequence N_r=3",
+            model_json(8, &rec("middle_sequence", 3)),
+        ),
+        ("recursive cycle N_r=2", model_json(8, &rec("cycle", 2))),
+        (
+            "recursive sequence N_r=2",
+            model_json(8, &rec("sequence", 2)),
+        ),
+        (
+            "MoR expert linear",
+            model_json(8, &mor(r#"{"routing":{"expert":{}}}"#)),
+        ),
+        (
+            "MoR expert mlp",
+            model_json(8, &mor(r#"{"router_type":"mlp","routing":{"expert":{}}}"#)),
+        ),
+        (
+            "MoR expert aux_router decode rule",
+            model_json(
+                8,
+                &mor(
+                    r#"{"routing":{"expert":{"sampling":"aux_router","decode_rule":{"rule":"aux_router","threshold":0.5}}}}"#,
+                ),
+            ),
+        ),
+        (
+            "MoR expert additive gating",
+            model_json(8, &mor(r#"{"routing":{"expert":{"gating":"additive"}}}"#)),
+        ),
+        (
+            "MoR expert cycle N_r=2 (no prefix layer)",
+            model_json(
+                8,
+                r#","recursion":{"sharing":"cycle","num_recursion":2},"mor":{"routing":{"expert":{}}}"#,
+            ),
+        ),
+        (
+            "MoR token softmax",
+            model_json(
+                8,
+                &mor(r#"{"routing":{"token":{"router_func":"softmax","balancing":"loss"}}}"#),
+            ),
+        ),
+        (
+            "MoR token loss_free",
+            model_json(
+                8,
+                &mor(r#"{"routing":{"token":{"balancing":"loss_free"}}}"#),
+            ),
+        ),
+        (
+            "KV sharing recursive",
+            model_json(8, &format!(r#"{MIDDLE3},"kv_sharing":{{}}"#)),
+        ),
+        (
+            "KV sharing MoR expert",
+            model_json(
+                8,
+                &format!(r#"{MIDDLE3},"mor":{{"routing":{{"expert":{{}}}}}},"kv_sharing":{{}}"#),
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn cached_prefill_and_decode_match_the_full_causal_forward() -> Result<()> {
+    let mut failures = Vec::new();
+    for (i, (label, json)) in variants().into_iter().enumerate() {
+        let model = tiny_model(&json, 10 + i as u64)?;
+        let (diff, hist) = cached_vs_full(&model, 100 + i as u64)?;
+        let routed = model.config().mor.is_some();
+        let distinct = hist.iter().filter(|&&c| c > 0).count();
+        println!("{label:45} max |Δlogit| = {diff:.2e}   tokens per depth {hist:?}");
+        if diff.is_nan() || diff >= 1e-4 {
+            failures.push(format!("{label}: max diff {diff}"));
+        }
+        if routed && distinct < 2 {
+            failures.push(format!("{label}: degenerate routing {hist:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    Ok(())
+}
+
+#[test]
+fn unsupported_and_bad_steps_are_errors() -> Result<()> {
+    let json = model_json(
+        8,
+        &format!(
+            r#"{MIDDLE3},"mor":{{"routing":{{"expert":{{}}}}}},"kv_sharing":{{"update_cache":true}}"#
+        ),
+    );
+    let model = tiny_model(&json, 1)?;
+    let err = CachedModel::new(&model).unwrap_err().to_string();
+    assert!(err.contains("update_cache"), "{err}");
+
+    let model = tiny_model(&model_json(8, MIDDLE3), 1)?;
+    let cm = CachedModel::new(&model)?;
+    let mut c = cm.new_cache();
+    let o = StepOptions::default();
+    assert!(matches!(
+        cm.step(&mut [&mut c], &[&[]], &o),
+        Err(MorError::Request(_))
+    ));
+    assert!(matches!(
+        cm.step(&mut [&mut c], &[&[VOCAB as u32]], &o),
+        Err(MorError::Request(_))
+    ));
+    let long = vec![1u32; CTX + 1];
+    assert!(matches!(
+        cm.step(&mut [&mut c], &[&long], &o),
+        Err(MorError::Request(_))
+    ));
+    assert_eq!(c.seq_len(), 0, "rejected steps leave the cache untouched");
+    Ok(())
+}
+
+/// Expert-choice N_r = 3 with thresholds calibrated to capacities 1, 2/3, 1/3: the recursion-block cache holds
+/// (N_r+1)/(2N_r) = 2/3 of what a cache of every token at every depth would (paper Table 2, recursion-wise caching),
+/// and with recursive KV sharing 1/N_r.
+#[test]
+fn kv_cache_memory_follows_table_2() -> Result<()> {
+    for (sharing, expected) in [(false, 2.0 / 3.0), (true, 1.0 / 3.0)] {
+        let kv = if sharing { r#","kv_sharing":{}"# } else { "" };
+        let json = model_json(
+            8,
+            &format!(r#"{MIDDLE3},"mor":{{"routing":{{"expert":{{}}}}}}{kv}"#),
+        );
+        let model = tiny_model(&json, 7)?;
+        let cm = CachedModel::new(&model)?;
+        let mut rng = StdRng::seed_from_u64(3);
+        let seqs: Vec<Vec<u32>> = (0..4).map(|_| random_tokens(&mut rng, 40)).collect();
+        let thresholds = calibrate_expert_thresholds(&cm, &seqs)?;
+        let mut caches: Vec<SeqKv> = seqs.iter().map(|_| cm.new_cache()).collect();
+        let mut refs: Vec<&mut SeqKv> = caches.iter_mut().collect();
+        let chunks: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let opts = StepOptions {
+            expert_thresholds: Some(thresholds.clone()),
+            ..Default::default()
+        };
+        let out = cm.step(&mut refs, &chunks, &opts)?;
+        let n = out.depths.len();
+        let reached: Vec<f64> = (1..=3)
+            .map(|r| out.depths.iter().filter(|&&d| d >= r).count() as f64 / n as f64)
+            .collect();
+        let block = recursion_block(&model);
+        let bytes: usize = caches.iter().map(|c| c.bytes_in(block.clone())).sum();
+        let (_, nkv, hd) = model.layers()[0].attn.dims();
+        let dense = n * block.len() * 2 * nkv * hd * 4;
+        let ratio = bytes as f64 / dense as f64;
+        println!(
+            "kv_sharing={sharing}: thresholds {thresholds:.3?}, fraction reaching depth 1..3 {reached:.3?}, \
+             block KV {bytes} B vs {dense} B dense: ratio {ratio:.4} (expected {expected:.4})"
+        );
+        assert!((reached[1] - 2.0 / 3.0).abs() < 0.03 && (reached[2] - 1.0 / 3.0).abs() < 0.03);
+        assert!(
+            (ratio - expected).abs() < 0.02,
+            "ratio {ratio} vs {expected}"
+        );
+        // Per-layer detail: with recursion-wise caching, depth r's layers hold only the tokens that reached it.
+        if !sharing {
+            let l = model.layout();
+            for r in 0..3 {
+                let held: usize = caches
+                    .iter()
+                    .map(|c| c.layer(l.recursion_layers(r).start).len())
+                    .sum();
+                let expect = out.depths.iter().filter(|&&d| d > r).count();
+                assert_eq!(held, expect, "depth {r}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tokens `generate` would produce by full recompute: sample from the last position, stop at EOS or length.
+fn reference_tokens(
+    model: &MorModel,
+    prompt: &[u32],
+    params: &SamplingParams,
+    eos: u32,
+) -> Result<Vec<u32>> {
+    let mut sampler = Sampler::new(params.clone())?;
+    let mut context = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..params.max_new_tokens.min(CTX - prompt.len()) {
+        let logits = reference_logits(model, &context)?;
+        let next = sampler.sample_tensor(&logits.i(context.len() - 1)?, &context)?;
+        if next == eos {
+            break;
+        }
+        context.push(next);
+        out.push(next);
+    }
+    Ok(out)
+}
+
+#[test]
+fn engine_matches_reference_with_requests_arriving_mid_run() -> Result<()> {
+    let eos = 0u32;
+    for (label, json) in [
+        ("vanilla", model_json(8, "")),
+        (
+            "MoR expert",
+            model_json(
+                8,
+                &format!(r#"{MIDDLE3},"mor":{{"routing":{{"expert":{{}}}}}}"#),
+            ),
+        ),
+        (
+            "MoR token",
+            model_json(
+                8,
+                &format!(r#"{MIDDLE3},"mor":{{"routing":{{"token":{{}}}}}}"#),
+            ),
+        ),
+    ] {
+        let model = tiny_model(&json, 5)?;
+        let mut engine = Engine::new(
+            &model,
+            None,
+            EngineOptions {
+                max_batch: 3,
+                eos_token_id: Some(eos),
+                expert_thresholds: None,
+                ignore_eos: false,
+            },
+        )?;
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut requests = Vec::new();
+        for i in 0..7u64 {
+            let prompt = if i == 2 {
+                Vec::new()
+            } else {
+                random_tokens(&mut rng, 1 + (i as usize * 3) % 9)
+            };
+            let params = SamplingParams {
+                temperature: if i % 2 == 0 { 0.0 } else { 1.0 },
+                top_k: (i == 3).then_some(8),
+                seed: i,
+                max_new_tokens: [5, 12, 30, 1, 8, 40, 3][i as usize],
+                ..Default::default()
+            };
+            requests.push((prompt, params));
+        }
+        let mut ids = Vec::new();
+        let mut results = Vec::new();
+        // Four now, the rest while the first ones run; bad requests in between are refused without effect.
+        for (p, s) in &requests[..4] {
+            ids.push(engine.submit(p.clone(), s.clone())?);
+        }
+        for _ in 0..3 {
+            engine.step()?;
+        }
+        assert!(engine.running() <= 3, "at most max_batch sequences run");
+        let bad = [
+            (vec![1u32; CTX], SamplingParams::default()),
+            (vec![VOCAB as u32], SamplingParams::default()),
+            (
+                vec![1],
+                SamplingParams {
+                    max_new_tokens: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                vec![1],
+                SamplingParams {
+                    max_new_tokens: usize::MAX,
+                    ..Default::default()
+                },
+            ),
+            (
+                vec![1],
+                SamplingParams {
+                    temperature: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                vec![1],
+                SamplingParams {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+            ),
+            (
+                vec![1],
+                SamplingParams {
+                    stop: vec!["x".into()],
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (p, s) in bad {
+            let e = engine.submit(p, s);
+            assert!(matches!(e, Err(MorError::Request(_))), "{e:?}");
+        }
+        for (p, s) in &requests[4..] {
+            ids.push(engine.submit(p.clone(), s.clone())?);
+            engine.step()?;
+            results.extend(engine.take_finished());
+        }
+        results.extend(engine.run()?);
+        assert_eq!(results.len(), requests.len());
+        for (id, (prompt, params)) in ids.iter().zip(&requests) {
+            let r = results.iter().find(|r| r.id == *id).expect("finished");
+            let prompt = if prompt.is_empty() {
+                vec![eos]
+            } else {
+                prompt.clone()
+            };
+            let want = reference_tokens(&model, &prompt, params, eos)?;
+            assert_eq!(r.tokens, want, "{label} request {id:?}");
+            assert_eq!(r.prompt_tokens, prompt);
+            let expect_finish = if want.len() < params.max_new_tokens.min(CTX - prompt.len()) {
+                Finish::Eos
+            } else {
+                Finish::Length
+            };
+            assert_eq!(r.finish, expect_finish, "{label} request {id:?}");
+        }
+        let st = engine.stats();
+        println!(
+            "{label}: {} steps, {} sampled, depths {:?}",
+            st.steps, st.generated, st.depths
+        );
+        assert!(engine.is_idle() && engine.kv_bytes() == 0);
+    }
+    let model = tiny_model(&model_json(8, ""), 5)?;
+    assert!(Engine::new(
+        &model,
+        None,
+        EngineOptions {
+            max_batch: 0,
+            ..Default::default()
+        }
+    )
+    .is_err());
+    let mut no_eos = Engine::new(&model, None, EngineOptions::default())?;
+    assert!(matches!(
+        no_eos.submit(Vec::new(), SamplingParams::default()),
+        Err(MorError::Request(_))
+    ));
+    Ok(())
+}
+
+/// `generate` (KV cache) and `generate_reference` (full recompute) give the same text, stop sequences included.
+#[test]
+fn cached_generate_matches_full_recompute() -> Result<()> {
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sonnets.txt");
+    let tok = Tokenizer::train_bpe(&[text], 300)?;
+    let vocab = tok.vocab_size();
+    let json = format!(
+        r#"{{"vocab_size":{vocab},"hidden_size":32,"intermediate_size":64,"num_hidden_layers":8,
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,"initializer_range":0.2,
+            "recursion":{{"sharing":"middle_cycle","num_recursion":3}},"mor":{{"routing":{{"expert":{{}}}}}}}}"#
+    );
+    let model = tiny_model(&json, 4)?;
+    for (prompt, stop) in [
+        ("Shall I compare thee", vec![]),
+        ("", vec!["e".to_string()]),
+    ] {
+        let params = SamplingParams {
+            temperature: 0.8,
+            seed: 3,
+            max_new_tokens: 30,
+            stop,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (String::new(), String::new());
+        let fast = mor::generate::generate(&model, &tok, prompt, &params, &mut |s| a.push_str(s))?;
+        let slow = mor::generate::generate_reference(&model, &tok, prompt, &params, &mut |s| {
+            b.push_str(s)
+        })?;
+        assert_eq!(fast.tokens, slow.tokens);
+        assert_eq!(fast.text, slow.text);
+        assert_eq!(fast.finish, slow.finish);
+        assert_eq!(a, b);
+    }
+    Ok(())
+}
