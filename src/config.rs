@@ -38,7 +38,7 @@ pub enum Initialization {
     Lower,
     /// The highest source layers.
     Upper,
-    /// Fresh random initialisation.
+    /// Randomly chosen pretrained layers when uptraining (official semantics); a fresh random init from scratch.
     #[default]
     Random,
 }
