@@ -20,6 +20,20 @@ pub fn load_average() -> Option<[f64; 3]> {
     Some([it.next()??, it.next()??, it.next()??])
 }
 
+/// "load average before: …, after: …" for a benchmark report.
+pub fn load_line(load: (Option<[f64; 3]>, Option<[f64; 3]>)) -> String {
+    let fmt = |l: Option<[f64; 3]>| {
+        l.map_or("n/a".to_string(), |l| {
+            format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
+        })
+    };
+    format!(
+        "load average before: {}, after: {}",
+        fmt(load.0),
+        fmt(load.1)
+    )
+}
+
 /// Median of a non-empty slice.
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
@@ -249,16 +263,6 @@ impl fmt::Display for TrainBenchReport {
                 100.0 * (r.peak_bytes as f64 / base_m - 1.0),
             )?;
         }
-        let fmt_load = |l: Option<[f64; 3]>| {
-            l.map_or("n/a".to_string(), |l| {
-                format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
-            })
-        };
-        writeln!(
-            f,
-            "load average before: {}, after: {}",
-            fmt_load(self.load.0),
-            fmt_load(self.load.1)
-        )
+        writeln!(f, "{}", load_line(self.load))
     }
 }

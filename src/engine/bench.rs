@@ -403,16 +403,6 @@ impl fmt::Display for GenerateBenchReport {
                 mib(r.peak_bytes),
             )?;
         }
-        let fmt_load = |l: Option<[f64; 3]>| {
-            l.map_or("n/a".to_string(), |l| {
-                format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
-            })
-        };
-        writeln!(
-            f,
-            "load average before: {}, after: {}",
-            fmt_load(self.load.0),
-            fmt_load(self.load.1)
-        )
+        writeln!(f, "{}", crate::bench::load_line(self.load))
     }
 }
