@@ -535,14 +535,20 @@ fn resolve_checkpoint(path: &Path) -> PathBuf {
     }
 }
 
-fn run_generate(a: &GenerateArgs) -> Result<String> {
-    let dir = resolve_checkpoint(&a.checkpoint);
+/// Load the model of a checkpoint (or a run's latest checkpoint) and the path of its tokenizer (the given one, or
+/// the checkpoint's own tokenizer.json).
+fn open_checkpoint(path: &Path, tokenizer: &Option<PathBuf>) -> Result<(MorModel, PathBuf)> {
+    let dir = resolve_checkpoint(path);
     let model = load_model(&dir, &candle_core::Device::Cpu)
         .with_context(|| format!("loading {}", dir.display()))?;
-    let tok_path = a
-        .tokenizer
+    let tok = tokenizer
         .clone()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
+    Ok((model, tok))
+}
+
+fn run_generate(a: &GenerateArgs) -> Result<String> {
+    let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
     let tokenizer = Tokenizer::from_file(&tok_path)?;
     let s = &a.sampling;
     let params = mor::sampling::SamplingParams {
@@ -719,13 +725,7 @@ fn main() -> Result<()> {
             );
         }
         Command::Export(a) => {
-            let dir = resolve_checkpoint(&a.checkpoint);
-            let model = load_model(&dir, &candle_core::Device::Cpu)
-                .with_context(|| format!("loading {}", dir.display()))?;
-            let tok_path = a
-                .tokenizer
-                .clone()
-                .unwrap_or_else(|| dir.join("tokenizer.json"));
+            let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
             let tok = tok_path
                 .exists()
                 .then(|| Tokenizer::from_file(&tok_path))
