@@ -283,18 +283,7 @@ impl GgufFile {
 
     /// Read tensor `name` dequantized to f32, checking its shape (HF [out, in] order) against `shape`.
     pub fn tensor_f32(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let dims = self
-            .dims(name)
-            .ok_or_else(|| self.err(format!("missing tensor {name}")))?;
-        if dims != shape {
-            return Err(self.err(format!(
-                "tensor {name}: expected shape {shape:?}, found {dims:?}"
-            )));
-        }
-        let q: QTensor = self
-            .content
-            .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| MorError::checkpoint(&self.path, format!("reading tensor {name}: {e}")))?;
+        let q = self.tensor_raw(name, shape)?;
         let dtype = q.dtype();
         q.dequantize(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
