@@ -318,6 +318,35 @@ fn encode_pair_moves_trailing_space_and_handles_empty_context() {
 }
 
 #[test]
+fn encode_pair_conditions_on_the_contexts_own_encoding_across_a_merge() {
+    // Split a sentence inside words, where BPE merges across the split point make the whole encoding's prefix
+    // differ from the context's own encoding. lm-eval then feeds the model the context's own encoding and scores
+    // the whole encoding's tokens after the context's length.
+    let tok = tokenizer();
+    let text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate";
+    let mut crossing = 0;
+    for cut in 1..text.len() {
+        let (ctx, cont) = text.split_at(cut);
+        if ctx.ends_with(' ') || cont.starts_with(' ') {
+            continue;
+        }
+        let own = tok.encode(ctx).unwrap();
+        let whole = tok.encode(text).unwrap();
+        if whole.len() <= own.len() {
+            continue;
+        }
+        let r = encode_pair(&tok, ctx, cont).unwrap();
+        assert_eq!(r.context, own, "cut {cut}");
+        assert_eq!(r.continuation, whole[own.len()..].to_vec(), "cut {cut}");
+        if whole[..own.len()] != own[..] {
+            crossing += 1;
+        }
+    }
+    // The sentence must actually exercise merges across the split, or this test would check nothing.
+    assert!(crossing > 0);
+}
+
+#[test]
 fn acc_and_acc_norm_arithmetic() {
     let tok = tokenizer();
     // Raw argmax picks the short choice, the per-byte argmax the long gold one.
@@ -350,6 +379,7 @@ fn acc_and_acc_norm_arithmetic() {
         logprobs: vec![-1.0],
         correct: c,
         correct_norm: n,
+        ..Default::default()
     };
     let rs = vec![
         res(true, false),
@@ -373,11 +403,13 @@ fn acc_and_acc_norm_arithmetic() {
             logprobs: vec![-1.0],
             correct: true,
             correct_norm: true,
+            ..Default::default()
         },
         ExampleResult {
             logprobs: vec![-3.0],
             correct: false,
             correct_norm: false,
+            ..Default::default()
         },
     ];
     let agg = aggregate(Task::Lambada, 0, &lr);
@@ -852,6 +884,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         limit: Some(2),
         data_dir: sample_dir(),
         quiet: true,
+        dump_examples: None,
     })
     .unwrap();
     assert_eq!(all.len(), 2);
@@ -906,6 +939,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         limit: None,
         data_dir: sample_dir(),
         quiet: true,
+        dump_examples: None,
     };
     assert!(mor::eval::cli::run_tasks(&bad).is_err());
     bad.tasks = "piqa".into();
