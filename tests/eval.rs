@@ -876,6 +876,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         routing: RoutingChoice::Both,
         out: None,
     };
+    let dump = dir.path().join("examples.jsonl");
     let all = mor::eval::cli::run_tasks(&TasksArgs {
         model: margs.clone(),
         tasks: "all".into(),
@@ -884,9 +885,73 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         limit: Some(2),
         data_dir: sample_dir(),
         quiet: true,
-        dump_examples: None,
+        dump_examples: Some(dump.clone()),
     })
     .unwrap();
+    // The dump has one line per example, task and routing rule, and its verdicts add up to the reported acc.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2 * 8 * 2);
+    for (label, results) in &all {
+        for r in results {
+            let mine: Vec<&serde_json::Value> = lines
+                .iter()
+                .filter(|l| l["routing"] == label.as_str() && l["task"] == r.task.as_str())
+                .collect();
+            assert_eq!(mine.len(), 2);
+            let right = mine.iter().filter(|l| l["correct"] == true).count();
+            assert!(
+                (r.acc - right as f64 / 2.0).abs() < 1e-12,
+                "{label} {}",
+                r.task
+            );
+            for l in mine {
+                let k = l["logprobs"].as_array().unwrap().len();
+                assert!(k >= 1 && l["continuation_tokens"].as_array().unwrap().len() == k);
+            }
+        }
+    }
+
+    // Logits: one [tokens, vocab] f32 .npy per prompt and routing rule, equal to the model's own forward.
+    let index = mor::eval::cli::run_logits(&mor::eval::cli::LogitsArgs {
+        model: margs.clone(),
+        prompts: vec!["Shall I compare thee".into()],
+    })
+    .unwrap();
+    let idx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    let e = &idx["prompts"][1];
+    assert_eq!(e["routing"], "causal");
+    let ids: Vec<u32> = serde_json::from_value(e["ids"].clone()).unwrap();
+    let bytes = std::fs::read(index.parent().unwrap().join(e["file"].as_str().unwrap())).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + header_len) % 64, 0);
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(
+        header.contains(&format!("'shape': ({}, 320)", ids.len())),
+        "{header}"
+    );
+    let got: Vec<f32> = bytes[10 + header_len..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let want: Vec<f32> = model
+        .forward(&t, &ForwardOptions::causal())
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got, want);
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].0, "top-k");
     assert!(all
