@@ -318,6 +318,35 @@ fn encode_pair_moves_trailing_space_and_handles_empty_context() {
 }
 
 #[test]
+fn encode_pair_conditions_on_the_contexts_own_encoding_across_a_merge() {
+    // Split a sentence inside words, where BPE merges across the split point make the whole encoding's prefix
+    // differ from the context's own encoding. lm-eval then feeds the model the context's own encoding and scores
+    // the whole encoding's tokens after the context's length.
+    let tok = tokenizer();
+    let text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate";
+    let mut crossing = 0;
+    for cut in 1..text.len() {
+        let (ctx, cont) = text.split_at(cut);
+        if ctx.ends_with(' ') || cont.starts_with(' ') {
+            continue;
+        }
+        let own = tok.encode(ctx).unwrap();
+        let whole = tok.encode(text).unwrap();
+        if whole.len() <= own.len() {
+            continue;
+        }
+        let r = encode_pair(&tok, ctx, cont).unwrap();
+        assert_eq!(r.context, own, "cut {cut}");
+        assert_eq!(r.continuation, whole[own.len()..].to_vec(), "cut {cut}");
+        if whole[..own.len()] != own[..] {
+            crossing += 1;
+        }
+    }
+    // The sentence must actually exercise merges across the split, or this test would check nothing.
+    assert!(crossing > 0);
+}
+
+#[test]
 fn acc_and_acc_norm_arithmetic() {
     let tok = tokenizer();
     // Raw argmax picks the short choice, the per-byte argmax the long gold one.
@@ -350,6 +379,7 @@ fn acc_and_acc_norm_arithmetic() {
         logprobs: vec![-1.0],
         correct: c,
         correct_norm: n,
+        ..Default::default()
     };
     let rs = vec![
         res(true, false),
@@ -373,11 +403,13 @@ fn acc_and_acc_norm_arithmetic() {
             logprobs: vec![-1.0],
             correct: true,
             correct_norm: true,
+            ..Default::default()
         },
         ExampleResult {
             logprobs: vec![-3.0],
             correct: false,
             correct_norm: false,
+            ..Default::default()
         },
     ];
     let agg = aggregate(Task::Lambada, 0, &lr);
@@ -844,6 +876,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         routing: RoutingChoice::Both,
         out: None,
     };
+    let dump = dir.path().join("examples.jsonl");
     let all = mor::eval::cli::run_tasks(&TasksArgs {
         model: margs.clone(),
         tasks: "all".into(),
@@ -852,8 +885,73 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         limit: Some(2),
         data_dir: sample_dir(),
         quiet: true,
+        dump_examples: Some(dump.clone()),
     })
     .unwrap();
+    // The dump has one line per example, task and routing rule, and its verdicts add up to the reported acc.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2 * 8 * 2);
+    for (label, results) in &all {
+        for r in results {
+            let mine: Vec<&serde_json::Value> = lines
+                .iter()
+                .filter(|l| l["routing"] == label.as_str() && l["task"] == r.task.as_str())
+                .collect();
+            assert_eq!(mine.len(), 2);
+            let right = mine.iter().filter(|l| l["correct"] == true).count();
+            assert!(
+                (r.acc - right as f64 / 2.0).abs() < 1e-12,
+                "{label} {}",
+                r.task
+            );
+            for l in mine {
+                let k = l["logprobs"].as_array().unwrap().len();
+                assert!(k >= 1 && l["continuation_tokens"].as_array().unwrap().len() == k);
+            }
+        }
+    }
+
+    // Logits: one [tokens, vocab] f32 .npy per prompt and routing rule, equal to the model's own forward.
+    let index = mor::eval::cli::run_logits(&mor::eval::cli::LogitsArgs {
+        model: margs.clone(),
+        prompts: vec!["Shall I compare thee".into()],
+    })
+    .unwrap();
+    let idx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    let e = &idx["prompts"][1];
+    assert_eq!(e["routing"], "causal");
+    let ids: Vec<u32> = serde_json::from_value(e["ids"].clone()).unwrap();
+    let bytes = std::fs::read(index.parent().unwrap().join(e["file"].as_str().unwrap())).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + header_len) % 64, 0);
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(
+        header.contains(&format!("'shape': ({}, 320)", ids.len())),
+        "{header}"
+    );
+    let got: Vec<f32> = bytes[10 + header_len..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let want: Vec<f32> = model
+        .forward(&t, &ForwardOptions::causal())
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got, want);
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].0, "top-k");
     assert!(all
@@ -906,6 +1004,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         limit: None,
         data_dir: sample_dir(),
         quiet: true,
+        dump_examples: None,
     };
     assert!(mor::eval::cli::run_tasks(&bad).is_err());
     bad.tasks = "piqa".into();

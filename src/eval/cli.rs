@@ -2,14 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::harness::{markdown_table, run_task, ModelScorer, TaskOptions, TaskResult};
+use super::harness::{
+    markdown_table, run_task, ExampleResult, ModelScorer, TaskOptions, TaskResult,
+};
 use super::loss::{eval_loss, prepare_input, LossOptions, LossReport};
 use super::routing::{depth_picture, RoutingReport, RoutingStats};
-use super::tasks::{load_task, parse_tasks};
+use super::tasks::{load_task, parse_tasks, TaskData};
 use super::{check_vocab, DEFAULT_DATA_DIR};
 use crate::checkpoint::load_model;
 use crate::data::Tokenizer;
@@ -25,6 +27,8 @@ pub enum EvalCommand {
     Tasks(TasksArgs),
     /// Per-token recursion depths of a passage as an HTML page.
     Depth(DepthArgs),
+    /// Raw logits of prompts at every position, as .npy files (for checks against other implementations).
+    Logits(LogitsArgs),
 }
 
 /// Which expert-choice routing rule(s) to evaluate.
@@ -107,6 +111,19 @@ pub struct TasksArgs {
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Also write every example's candidate log-likelihoods, predictions and tokens to this JSONL file.
+    #[arg(long)]
+    pub dump_examples: Option<PathBuf>,
+}
+
+/// `mor eval logits`
+#[derive(Debug, Clone, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A prompt (repeatable).
+    #[arg(long = "prompt", required = true)]
+    pub prompts: Vec<String>,
 }
 
 /// `mor eval depth`
@@ -186,7 +203,11 @@ pub fn modes(model: &MorModel, choice: RoutingChoice) -> Vec<(&'static str, Forw
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| MorError::io(path, e))
+    write_bytes(path, text.as_bytes())
+}
+
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| MorError::io(path, e))
 }
 
 fn json_text(v: &serde_json::Value) -> String {
@@ -296,6 +317,12 @@ pub fn run_tasks(a: &TasksArgs) -> Result<Vec<(String, Vec<TaskResult>)>> {
         limit: a.limit,
         progress: !a.quiet,
     };
+    let mut dump = match &a.dump_examples {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| MorError::io(p, e))?,
+        )),
+        None => None,
+    };
     let mut all = Vec::new();
     let mut md = format!(
         "# Downstream evaluation of {}\n\n{}-shot, seed {}, limit {}\n\n",
@@ -310,7 +337,10 @@ pub fn run_tasks(a: &TasksArgs) -> Result<Vec<(String, Vec<TaskResult>)>> {
         let mut scorer = ModelScorer::new(&l.model, fwd, l.tok.eos_id());
         let mut results = Vec::new();
         for d in &data {
-            let (r, _) = run_task(&mut scorer, &l.tok, d, &opts)?;
+            let (r, examples) = run_task(&mut scorer, &l.tok, d, &opts)?;
+            if let (Some(w), Some(p)) = (dump.as_mut(), &a.dump_examples) {
+                write_examples(w, p, label, d, &examples)?;
+            }
             println!(
                 "[{label}] {}: acc {:.4} ± {:.4}{} (n = {})",
                 r.task,
@@ -342,6 +372,83 @@ pub fn run_tasks(a: &TasksArgs) -> Result<Vec<(String, Vec<TaskResult>)>> {
     write(&l.out.join(format!("{stem}.md")), &md)?;
     println!("{md}wrote {}", l.out.join(format!("{stem}.json")).display());
     Ok(all)
+}
+
+/// One JSON line per example: routing, task, index, gold, the candidates' log-likelihoods, both predictions'
+/// correctness, and the tokens (context length, continuation ids) each candidate was scored with.
+fn write_examples(
+    w: &mut impl std::io::Write,
+    path: &Path,
+    routing: &str,
+    data: &TaskData,
+    examples: &[ExampleResult],
+) -> Result<()> {
+    for (i, r) in examples.iter().enumerate() {
+        let line = json!({
+            "routing": routing,
+            "task": data.task.name(),
+            "index": i,
+            "gold": data.docs[i].gold,
+            "logprobs": r.logprobs,
+            "correct": r.correct,
+            "correct_norm": r.correct_norm,
+            "context_tokens": r.context_tokens,
+            "continuation_tokens": r.continuation_tokens,
+        });
+        writeln!(w, "{line}").map_err(|e| MorError::io(path, e))?;
+    }
+    w.flush().map_err(|e| MorError::io(path, e))
+}
+
+/// A little-endian f32 `.npy` file (format version 1.0) of a row-major `[rows, cols]` matrix.
+pub fn npy_f32(rows: usize, cols: usize, data: &[f32]) -> Vec<u8> {
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // The format pads the header with spaces so that the data starts 64-byte aligned, ending in a newline.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for x in data {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// `mor eval logits`: for each routing rule and prompt, writes `logits/<routing>-<i>.npy` (`[tokens, vocab]`
+/// f32) and an index `logits/logits.json` with the prompt texts and token ids. Returns the index path.
+pub fn run_logits(a: &LogitsArgs) -> Result<PathBuf> {
+    let l = load(&a.model)?;
+    let dir = l.out.join("logits");
+    std::fs::create_dir_all(&dir).map_err(|e| MorError::io(&dir, e))?;
+    let mut entries = Vec::new();
+    for (label, fwd) in modes(&l.model, a.model.routing) {
+        for (i, text) in a.prompts.iter().enumerate() {
+            let ids = l.tok.encode(text)?;
+            if ids.is_empty() {
+                return Err(MorError::Request(format!(
+                    "prompt {i} ({text:?}) encodes to no tokens"
+                )));
+            }
+            let t = Tensor::new(ids.as_slice(), l.model.device())?.unsqueeze(0)?;
+            let logits = l.model.forward(&t, &fwd)?.logits.get(0)?;
+            let (rows, cols) = logits.dims2()?;
+            let flat: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let file = format!("{label}-{i}.npy");
+            write_bytes(&dir.join(&file), &npy_f32(rows, cols, &flat))?;
+            entries.push(json!({"routing": label, "text": text, "ids": ids, "file": file}));
+        }
+    }
+    let index = dir.join("logits.json");
+    write(
+        &index,
+        &json_text(&json!({"checkpoint": l.dir, "prompts": entries})),
+    )?;
+    println!("wrote {}", index.display());
+    Ok(index)
 }
 
 /// `mor eval depth`: writes `depth-<routing>.html` per routing rule and returns the paths.
@@ -379,5 +486,6 @@ pub fn run(cmd: &EvalCommand) -> Result<()> {
         EvalCommand::Loss(a) => run_loss(a).map(|_| ()),
         EvalCommand::Tasks(a) => run_tasks(a).map(|_| ()),
         EvalCommand::Depth(a) => run_depth(a).map(|_| ()),
+        EvalCommand::Logits(a) => run_logits(a).map(|_| ()),
     }
 }

@@ -47,18 +47,18 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result
         )));
     }
     let whole = tok.encode(&format!("{trimmed}{continuation}"))?;
-    let ctx = if trimmed.is_empty() {
+    let mut context = if trimmed.is_empty() {
         Vec::new()
     } else {
         tok.encode(trimmed)?
     };
-    // A merge across the boundary can make the whole encoding's prefix differ from the context's; lm-eval
-    // nonetheless splits at the context's length, and so do we (falling back to the last token at worst).
-    let split = ctx.len().min(whole.len().saturating_sub(1));
-    let (mut context, cont) = (whole[..split].to_vec(), whole[split..].to_vec());
+    // A merge across the boundary can make the whole encoding's prefix differ from the context's own encoding.
+    // lm-eval then still conditions on the context's own encoding and scores the whole encoding's tokens after
+    // the context's length; so do we, so that the model sees exactly what lm-eval feeds it.
+    let cont = whole.get(context.len()..).unwrap_or_default().to_vec();
     if cont.is_empty() {
         return Err(MorError::Request(format!(
-            "continuation {continuation:?} encodes to no tokens"
+            "continuation {continuation:?} encodes to no tokens after context {trimmed:?}"
         )));
     }
     if context.is_empty() {
@@ -166,7 +166,7 @@ impl Scorer for ModelScorer<'_> {
 }
 
 /// Per-example outcome.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ExampleResult {
     /// Log-likelihood of each candidate.
     pub logprobs: Vec<f64>,
@@ -174,6 +174,11 @@ pub struct ExampleResult {
     pub correct: bool,
     /// Whether the byte-length-normalised argmax is correct.
     pub correct_norm: bool,
+    /// Tokens of each candidate's context (before left truncation), kept so that per-example dumps can be
+    /// compared token for token with another implementation.
+    pub context_tokens: Vec<usize>,
+    /// Token ids of each candidate's scored continuation.
+    pub continuation_tokens: Vec<Vec<u32>>,
 }
 
 /// Score one example: all its candidates in one batch.
@@ -210,6 +215,8 @@ pub fn score_example(
         logprobs,
         correct,
         correct_norm,
+        context_tokens: reqs.iter().map(|r| r.context.len()).collect(),
+        continuation_tokens: reqs.into_iter().map(|r| r.continuation).collect(),
     })
 }
 
