@@ -224,6 +224,7 @@ fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<V
                 eos_token_id: Some(0),
                 expert_thresholds: Some(thr.clone()),
                 ignore_eos: true,
+                asynchronous: false,
             },
         )?;
         for i in 0..32u64 {
@@ -289,6 +290,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
                 eos_token_id: Some(0),
                 expert_thresholds: thr.clone(),
                 ignore_eos: true,
+                asynchronous: false,
             },
         )?;
         for (len, seed) in workload(o, b) {
