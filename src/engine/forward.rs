@@ -69,6 +69,8 @@ pub struct CachedModel<'m> {
     fused: Vec<FusedLayer>,
     dims: (usize, usize, usize),
     eps: f32,
+    /// The model's activation dtype.
+    dtype: DType,
     /// RoPE tables [max_pos, hd] (the model's, in f32).
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -107,8 +109,10 @@ pub struct Flight {
     h: Vec<f32>,
     /// Token-choice: recursions to run (its expert + 1); otherwise N_r.
     target: usize,
-    /// Token-choice: its gate.
+    /// Its gate: token-choice, fixed at entry; expert-choice, of the recursion it will run next.
     gate: f32,
+    /// The routing decision for its next recursion has been taken (and it was chosen).
+    decided: bool,
 }
 
 impl Flight {
@@ -122,6 +126,7 @@ impl Flight {
             h: Vec::new(),
             target: 0,
             gate: 1.0,
+            decided: false,
         }
     }
 
@@ -202,8 +207,10 @@ impl<'m> CachedModel<'m> {
         let max_pos = model.rope().max_positions();
         let all = Tensor::arange(0u32, max_pos as u32, model.device())?.reshape((1, max_pos))?;
         let (cos, sin) = model.rope().at(&all)?;
+        let dtype = model.params().dtype();
         Ok(CachedModel {
             model,
+            dtype,
             fused,
             dims,
             eps,
@@ -512,59 +519,16 @@ impl<'m> CachedModel<'m> {
             }
         }
 
-        // 2. Routing decision for each token's next recursion.
+        // 2. Routing decision of the entering tokens for recursion 1 (the others decided theirs at the end of the
+        //    previous step, right after their last recursion).
         let mut exit = vec![false; flights.len()];
-        let mut gates = vec![1f32; flights.len()];
-        match self.model.routing() {
-            Routing::Expert(ec) => {
-                for r in 0..n_r {
-                    let group: Vec<usize> = (0..flights.len())
-                        .filter(|&i| flights[i].done == Some(r))
-                        .collect();
-                    if group.is_empty() {
-                        continue;
-                    }
-                    let mut xs = Vec::with_capacity(group.len() * d);
-                    for &i in &group {
-                        xs.extend_from_slice(&flights[i].x);
-                    }
-                    let xc = Tensor::from_vec(xs, (group.len(), d), dev)?.to_dtype(dtype)?;
-                    let logits = ec.logits(r, &xc, false)?;
-                    let probs: Vec<f32> = (ec.activate(&logits)? * ec.config().alpha)?
-                        .to_dtype(DType::F32)?
-                        .to_vec1()?;
-                    let chosen = match &opts.expert_thresholds {
-                        None => ec.causal_decision(r, &xc, &logits)?,
-                        Some(thr) => {
-                            let (rule_logits, base) = match ec.config().decode_rule {
-                                DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
-                                DecodeRule::AuxRouter { threshold } => {
-                                    (ec.logits(r, &xc, true)?, threshold)
-                                }
-                            };
-                            let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
-                                .to_dtype(DType::F32)?
-                                .to_vec1()?;
-                            let t = thr.get(r).copied().unwrap_or(base);
-                            let full = ec.capacity(r, None) >= 1.0;
-                            // Same comparison as `ExpertChoice::causal_decision` and `step`.
-                            p.iter().map(|&v| full || f64::from(v) >= t).collect()
-                        }
-                    };
-                    for (k, &i) in group.iter().enumerate() {
-                        exit[i] = !chosen[k];
-                        gates[i] = probs[k];
-                    }
-                }
-            }
-            Routing::Token(_) | Routing::None => {}
-        }
-
+        self.route_flights(flights, &entering, &mut exit, opts)?;
         // 3. The shared block, once per block layer for every continuing token at every depth. Rows are grouped by
         //    the weights their layer uses: one group under (Middle-)Cycle sharing, one per depth under Sequence.
         let active: Vec<usize> = (0..flights.len())
             .filter(|&i| !exit[i] && flights[i].done.is_some_and(|r| r < flights[i].target))
             .collect();
+        debug_assert!(active.iter().all(|&i| flights[i].decided));
         let mut block_rows = 0;
         if !active.is_empty() {
             let token_choice = matches!(self.model.routing(), Routing::Token(_));
@@ -601,7 +565,9 @@ impl<'m> CachedModel<'m> {
                             .flat_map(|&k| hv[k * d..(k + 1) * d].iter().copied())
                             .collect()
                     };
-                    block_rows += members.len();
+                    if j == 0 {
+                        block_rows += members.len();
+                    }
                     let out = self.layer_rows(src, &input, &refs, caches)?;
                     for (m, &k) in members.iter().enumerate() {
                         next[k * d..(k + 1) * d].copy_from_slice(&out[m * d..(m + 1) * d]);
@@ -618,7 +584,7 @@ impl<'m> CachedModel<'m> {
                 match self.model.routing() {
                     Routing::Expert(ec) => {
                         let g = match ec.config().gating {
-                            Gating::Weighted => gates[i],
+                            Gating::Weighted => f.gate,
                             Gating::Additive => 1.0,
                         };
                         for (a, &b) in f.x.iter_mut().zip(h) {
@@ -639,10 +605,14 @@ impl<'m> CachedModel<'m> {
                     }
                     Routing::None => f.x.copy_from_slice(h),
                 }
+                f.decided = false;
                 if r >= f.target {
                     exit[i] = true;
                 }
             }
+            // Decide the next recursion now, so a token the router stops leaves in this step, not the next one.
+            let cont: Vec<usize> = active.iter().copied().filter(|&i| !exit[i]).collect();
+            self.route_flights(flights, &cont, &mut exit, opts)?;
         }
 
         // 5. Exits: suffix layers and LM head, batched.
@@ -677,6 +647,67 @@ impl<'m> CachedModel<'m> {
         }
         out.exited = exited;
         Ok(out)
+    }
+
+    /// The routing decision of the flights `idx` for their next recursion (expert-choice; spec §10.4 causal rule,
+    /// or calibrated thresholds, exactly as in [`CachedModel::step`]): a token not chosen is marked in `exit`, a
+    /// chosen one gets its gate. Token-choice and recursive models decided the depth at entry.
+    fn route_flights(
+        &self,
+        flights: &mut [Flight],
+        idx: &[usize],
+        exit: &mut [bool],
+        opts: &StepOptions,
+    ) -> Result<()> {
+        let Routing::Expert(ec) = self.model.routing() else {
+            for &i in idx {
+                flights[i].decided = true;
+            }
+            return Ok(());
+        };
+        let d = self.model.config().hidden_size;
+        let dev = self.model.device();
+        for r in 0..self.model.layout().num_recursion {
+            let group: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|&i| flights[i].done == Some(r))
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let mut xs = Vec::with_capacity(group.len() * d);
+            for &i in &group {
+                xs.extend_from_slice(&flights[i].x);
+            }
+            let xc = Tensor::from_vec(xs, (group.len(), d), dev)?.to_dtype(self.dtype)?;
+            let logits = ec.logits(r, &xc, false)?;
+            let probs: Vec<f32> = (ec.activate(&logits)? * ec.config().alpha)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let chosen = match &opts.expert_thresholds {
+                None => ec.causal_decision(r, &xc, &logits)?,
+                Some(thr) => {
+                    let (rule_logits, base) = match ec.config().decode_rule {
+                        DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
+                        DecodeRule::AuxRouter { threshold } => (ec.logits(r, &xc, true)?, threshold),
+                    };
+                    let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
+                        .to_dtype(DType::F32)?
+                        .to_vec1()?;
+                    let t = thr.get(r).copied().unwrap_or(base);
+                    let full = ec.capacity(r, None) >= 1.0;
+                    // Same comparison as `ExpertChoice::causal_decision` and `step`.
+                    p.iter().map(|&v| full || f64::from(v) >= t).collect()
+                }
+            };
+            for (k, &i) in group.iter().enumerate() {
+                exit[i] = !chosen[k];
+                flights[i].gate = probs[k];
+                flights[i].decided = true;
+            }
+        }
+        Ok(())
     }
 
     /// One decoder layer on the rows `toks` (indices into the step's rows) whose hidden states are `x` [n, d]:
