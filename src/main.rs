@@ -335,8 +335,8 @@ enum BenchCommand {
         /// Model width.
         #[arg(long, default_value_t = 256)]
         hidden_size: usize,
-        /// Unrolled layers ((layers − 2) divisible by every N_r; 14 serves N_r = 2, 3, 4).
-        #[arg(long, default_value_t = 14)]
+        /// Unrolled layers ((layers − 2) divisible by every N_r; 34 = the paper's MoR-4 comparison).
+        #[arg(long, default_value_t = 34)]
         layers: usize,
         /// Batch sizes (comma-separated; `max` = the paper's B=Max).
         #[arg(long, default_value = "1,8,32,max")]
@@ -348,10 +348,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 512)]
         context: usize,
         /// Mean generation length.
-        #[arg(long, default_value_t = 64.0)]
+        #[arg(long, default_value_t = 128.0)]
         mean_len: f64,
         /// Standard deviation of the generation length.
-        #[arg(long, default_value_t = 16.0)]
+        #[arg(long, default_value_t = 32.0)]
         std_len: f64,
         /// Requests per batch slot.
         #[arg(long, default_value_t = 3)]
@@ -359,10 +359,11 @@ enum BenchCommand {
         /// Rounds of interleaved runs.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Variants (comma-separated; `+kv` suffix = recursive KV sharing); the first is the baseline.
+        /// Variants (comma-separated): vanilla, recursive-N, mor-expert-N, mor-token-N, optionally `@L` (unrolled
+        /// layers), `+kv` (recursive KV sharing), `+async` (asynchronous depth-wise batching).
         #[arg(
             long,
-            default_value = "vanilla,recursive-3,mor-expert-2,mor-expert-3,mor-expert-4"
+            default_value = "vanilla,recursive-4,mor-expert-2,mor-expert-2+async,mor-expert-4,mor-expert-4+async"
         )]
         variants: String,
     },
@@ -812,7 +813,9 @@ fn main() -> Result<()> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             if hidden_size == 0 || heads == 0 || hidden_size % heads != 0 || vocab == 0 {
-                anyhow::bail!("--hidden-size must be a positive multiple of --heads, --vocab positive");
+                anyhow::bail!(
+                    "--hidden-size must be a positive multiple of --heads, --vocab positive"
+                );
             }
             println!(
                 "{}",

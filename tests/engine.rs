@@ -671,3 +671,44 @@ fn cached_generate_matches_full_recompute() -> Result<()> {
     }
     Ok(())
 }
+
+/// The paper's B=Max (§3.3): 32 × the ratio of the largest batches under one memory budget (parameters + K/V at full
+/// context). MoR-4 (1 + 8×4 + 1, capacities 1, 3/4, 1/2, 1/4) caches 2 + 8·(1 + 3/4 + 1/2 + 1/4) = 22 layer-caches per
+/// token where the 34-layer vanilla caches 34 (10 with recursive KV sharing), so with small parameters B=Max ≈ 32 ·
+/// 34/22 ≈ 49–50 (the paper: 51 with a 360M model).
+#[test]
+fn b_max_follows_the_paper_definition() -> Result<()> {
+    use mor::engine::bench::{
+        full_context_kv_bytes, generate_variant_config, max_batch, GenerateBenchOptions,
+    };
+    let o = GenerateBenchOptions {
+        hidden_size: 64,
+        vocab: 256,
+        ..Default::default()
+    };
+    let kv = |name: &str| -> Result<usize> {
+        Ok(full_context_kv_bytes(
+            &generate_variant_config(name, &o)?,
+            o.context,
+        ))
+    };
+    let (v, m4, m4kv) = (kv("vanilla")?, kv("mor-expert-4")?, kv("mor-expert-4+kv")?);
+    assert_eq!(v * 22, m4 * 34);
+    assert_eq!(v * 10, m4kv * 34);
+    // 34 layers × 512 positions × K and V × 2 KV heads × 16 dims × 4 bytes.
+    assert_eq!(v, 34 * 512 * 2 * 2 * 16 * 4);
+    let vanilla = MorModel::new(&generate_variant_config("vanilla", &o)?, &DEV, 0)?;
+    let mor4 = MorModel::new(&generate_variant_config("mor-expert-4", &o)?, &DEV, 0)?;
+    let budget = 1 << 30;
+    let (bv, bm) = (
+        max_batch(&vanilla, o.context, budget),
+        max_batch(&mor4, o.context, budget),
+    );
+    assert!(bv > 0 && bm > bv);
+    let b_max = (32.0 * bm as f64 / bv as f64).round() as usize;
+    assert!((49..=50).contains(&b_max), "B=Max {b_max}");
+    assert!(generate_variant_config("mor-expert-4+bogus", &o).is_err());
+    assert!(generate_variant_config("mor-expert-4@x", &o).is_err());
+    assert!("0".parse::<mor::engine::bench::BatchSize>().is_err());
+    Ok(())
+}

@@ -1,12 +1,18 @@
 //! Continuous batching (paper §3.3, App. E; spec §4): a queue of requests, a fixed number of slots, and a step that
-//! advances every running sequence by one token.
+//! advances the running sequences.
 //!
-//! Each step feeds, in one [`CachedModel::step`], the prompt of every newly admitted sequence (its prefill) and the
-//! last sampled token of every running one. For vanilla and recursive models that is continuous sequence-wise
-//! batching; for MoR the same call batches the tokens of all sequences depth by depth (depth-wise batching), so a
-//! token that exits early costs nothing at deeper recursions. A slot freed by a finished sequence is refilled from
-//! the queue at the start of the next step.
+//! Synchronous mode (default): each step feeds, in one [`CachedModel::step`], the prompt of every newly admitted
+//! sequence (its prefill) and the last sampled token of every running one, so every running sequence advances by one
+//! token. For vanilla and recursive models that is continuous sequence-wise batching; for MoR the same call batches
+//! the tokens of all sequences depth by depth, so the shared block runs once per recursion with shrinking batches.
 //!
+//! Asynchronous mode ([`EngineOptions::asynchronous`], the paper's scheme): each sequence has one token in flight
+//! ([`Flight`]), and every step runs the shared block once over all of them, whatever recursion each is at
+//! ([`CachedModel::pipeline_step`]); a token that exits goes through the last layer, LM head and sampling in the same
+//! step, and its sequence's next token enters at the next step. The block thus runs at (near) full batch and its
+//! weights are read once per step for all depths. Same logits as the synchronous mode (`tests/engine.rs`).
+//!
+//! In both modes a slot freed by a finished sequence is refilled from the queue at the start of the next step.
 //! Requests are validated on [`Engine::submit`] so a bad one is refused with a [`MorError::Request`] and never
 //! reaches the batch; a sampling failure at run time ends only its own sequence ([`Finish::Failed`]).
 

@@ -1,12 +1,16 @@
 //! `mor bench generate`: generation throughput of vanilla, recursive and MoR models of the same width and unrolled
-//! depth under continuous batching, in the style of the paper's Fig. 4a / App. E (spec §4).
+//! depth under continuous batching, in the style of the paper's Fig. 4a / App. E (spec §4); `mor bench machine`:
+//! the GEMM GFLOP/s and memory GB/s that say which regime each batch size is in.
 //!
 //! Workload: for each batch size B, 3·B requests (at least 6) with empty prompts (generation starts from EOS, like
 //! the paper's "no prefix" queries) and generation lengths ~ Normal(mean, std) clipped to [1, context − 1]; every
-//! variant gets the same lengths and seeds. Models are random, so expert-choice routers are calibrated: per-recursion
-//! thresholds are set on a calibration batch so the realised depth distribution matches the configured capacities
-//! (N_r/N_r, …, 1/N_r), and the output says so. As in `mor bench train`, runs are interleaved round-robin and
-//! repeated, and medians and ratios to vanilla from the same run are reported, with the load average.
+//! variant gets the same lengths and seeds. B=Max is the paper's: 32 × the ratio of the variant's largest batch to
+//! vanilla's under one memory budget (parameters + K/V at full context), so vanilla runs at 32 and MoR-4 at ~50.
+//! Variants with `+async` use the asynchronous depth-wise batching of the paper's App. E. Models are random, so
+//! expert-choice routers are calibrated: per-recursion thresholds are set on a calibration batch so the realised
+//! depth distribution matches the configured capacities (N_r/N_r, …, 1/N_r), and the output says so. As in
+//! `mor bench train`, runs are interleaved round-robin and repeated, and medians and ratios to vanilla from the same
+//! run are reported, with the load average.
 
 use std::fmt;
 use std::time::Instant;
@@ -80,7 +84,8 @@ pub struct GenerateBenchOptions {
     pub hidden_size: usize,
     /// Query heads (KV heads = heads / 2).
     pub heads: usize,
-    /// Unrolled layers of every variant; (layers − 2) must be divisible by each N_r (14 serves N_r = 2, 3, 4).
+    /// Unrolled layers of every variant unless `@L`; (layers − 2) must be divisible by each N_r (34: the paper's
+    /// MoR-4 against a 34-layer vanilla; 26 serves N_r = 2, 3, 4).
     pub layers: usize,
     /// Vocabulary size.
     pub vocab: usize,
@@ -110,11 +115,11 @@ impl Default for GenerateBenchOptions {
         GenerateBenchOptions {
             hidden_size: 256,
             heads: 4,
-            layers: 14,
+            layers: 34,
             vocab: 4096,
             context: 512,
-            mean_len: 64.0,
-            std_len: 16.0,
+            mean_len: 128.0,
+            std_len: 32.0,
             requests_per_slot: 3,
             batches: vec![
                 BatchSize::Fixed(1),
@@ -126,10 +131,11 @@ impl Default for GenerateBenchOptions {
             rounds: 3,
             variants: [
                 "vanilla",
-                "recursive-3",
+                "recursive-4",
                 "mor-expert-2",
-                "mor-expert-3",
+                "mor-expert-2+async",
                 "mor-expert-4",
+                "mor-expert-4+async",
             ]
             .map(String::from)
             .to_vec(),
@@ -190,8 +196,9 @@ fn parse_variant(name: &str, o: &GenerateBenchOptions) -> Result<(String, usize,
     let (base, layers) = match head.split_once('@') {
         Some((b, l)) => (
             b,
-            l.parse::<usize>()
-                .map_err(|_| MorError::Config(format!("variant {name:?}: bad layer count {l:?}")))?,
+            l.parse::<usize>().map_err(|_| {
+                MorError::Config(format!("variant {name:?}: bad layer count {l:?}"))
+            })?,
         ),
         None => (head, o.layers),
     };
@@ -412,10 +419,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
         let reqs = workload(o, wl);
         for v in &variants {
             let b = batch_of(v);
-            let base = variants
-                .iter()
-                .position(|w| w.4 && w.3 == v.3)
-                .unwrap_or(0);
+            let base = variants.iter().position(|w| w.4 && w.3 == v.3).unwrap_or(0);
             baseline.push(first + base);
             plan.push((v.1, v.2, b, wl));
             rows.push(GenerateBenchRow {
@@ -546,7 +550,10 @@ impl fmt::Display for GenerateBenchReport {
             "| B | variant | slots | requests | tokens | median s | tokens/s | vs vanilla | tokens per depth (0..N_r) | \
              block rows/call | peak KV MiB | KV vs vanilla | peak heap MiB | max B |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            f,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         for (r, &bi) in self.rows.iter().zip(&self.baseline) {
             let b = &self.rows[bi];
@@ -635,7 +642,12 @@ fn sum_lanes(x: &[f32]) -> f32 {
 
 /// Measure GEMM GFLOP/s at the shapes of a layer of width `d` (FFN `3d`, the benchmark's GQA with half the heads
 /// as KV heads) and LM head of `vocab`, for each row count in `rows`, and single-thread read bandwidth.
-pub fn bench_machine(d: usize, heads: usize, vocab: usize, rows: &[usize]) -> Result<MachineReport> {
+pub fn bench_machine(
+    d: usize,
+    heads: usize,
+    vocab: usize,
+    rows: &[usize],
+) -> Result<MachineReport> {
     let load_before = load_average();
     let dev = Device::Cpu;
     let hd = d / heads.max(1);

@@ -420,11 +420,12 @@ impl<'m> CachedModel<'m> {
 
     /// One step of asynchronous continuous depth-wise batching (paper §3.3, App. E; spec §4). `flights[i]` is the
     /// token in flight of the sequence whose cache is `caches[i]`. In this step: tokens that just entered run the
-    /// embedding and prefix layers; every token then takes its routing decision for its next recursion
-    /// (expert-choice, spec §10.4 causal rule; token-choice decided its depth at entry); all tokens that continue,
-    /// whatever their depth, run the shared block in one call per block layer (rows with the same weights are
-    /// batched, each attends into its own sequence's cache of its own depth); tokens that are done run the suffix
-    /// layers and LM head and are returned with their logits. The caller replaces an exited flight with the
+    /// embedding and prefix layers and take the routing decision for recursion 1; all tokens chosen for a next
+    /// recursion, whatever their depth, run the shared block in one call per block layer (rows with the same
+    /// weights are batched; each attends into its own sequence's cache of its own depth); each then takes the
+    /// decision for its following recursion at once (expert-choice, spec §10.4 causal rule; token-choice and
+    /// recursive models fix the depth at entry), so a token of depth k spends exactly k steps in the block; tokens
+    /// that are done run the suffix layers and LM head in the same step and are returned with their logits. The caller replaces an exited flight with the
     /// sequence's next token (or drops the sequence). Every row follows exactly the arithmetic of
     /// [`CachedModel::step`], so logits and routing equal the synchronous path's. Models without a recursion block
     /// (vanilla) are refused: use `step`.
@@ -690,7 +691,9 @@ impl<'m> CachedModel<'m> {
                 Some(thr) => {
                     let (rule_logits, base) = match ec.config().decode_rule {
                         DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
-                        DecodeRule::AuxRouter { threshold } => (ec.logits(r, &xc, true)?, threshold),
+                        DecodeRule::AuxRouter { threshold } => {
+                            (ec.logits(r, &xc, true)?, threshold)
+                        }
                     };
                     let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
                         .to_dtype(DType::F32)?
