@@ -316,6 +316,21 @@ struct FlopsArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Measured f32 GEMM GFLOP/s at the engine's shapes and memory read GB/s of this machine.
+    Machine {
+        /// Model width (GEMM shapes of one layer of this width and of the LM head).
+        #[arg(long, default_value_t = 256)]
+        hidden_size: usize,
+        /// Query heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Vocabulary size (LM head shape).
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+        /// GEMM row counts (comma-separated; the batch sizes of the decode steps).
+        #[arg(long, default_value = "1,8,20,32,50,128")]
+        rows: String,
+    },
     /// Training throughput and peak memory of vanilla, recursive and MoR at the same shape.
     Train {
         /// Model width.
@@ -345,17 +360,23 @@ enum BenchCommand {
         /// Model width.
         #[arg(long, default_value_t = 256)]
         hidden_size: usize,
-        /// Unrolled layers ((layers − 2) divisible by every N_r; 14 serves N_r = 2, 3, 4).
-        #[arg(long, default_value_t = 14)]
+        /// Unrolled layers ((layers − 2) divisible by every N_r; 34 = the paper's MoR-4 comparison).
+        #[arg(long, default_value_t = 34)]
         layers: usize,
-        /// Batch sizes (comma-separated).
-        #[arg(long, default_value = "1,8,32,64")]
+        /// Batch sizes (comma-separated; `max` = the paper's B=Max).
+        #[arg(long, default_value = "1,8,32,max")]
         batches: String,
+        /// Memory budget in GiB for B=Max (parameters + K/V at full context).
+        #[arg(long, default_value_t = 16.0)]
+        memory_gib: f64,
+        /// Context length (K/V at full context for B=Max; generation lengths are clipped to it).
+        #[arg(long, default_value_t = 512)]
+        context: usize,
         /// Mean generation length.
-        #[arg(long, default_value_t = 64.0)]
+        #[arg(long, default_value_t = 128.0)]
         mean_len: f64,
         /// Standard deviation of the generation length.
-        #[arg(long, default_value_t = 16.0)]
+        #[arg(long, default_value_t = 32.0)]
         std_len: f64,
         /// Requests per batch slot.
         #[arg(long, default_value_t = 3)]
@@ -363,10 +384,11 @@ enum BenchCommand {
         /// Rounds of interleaved runs.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Variants (comma-separated; `+kv` suffix = recursive KV sharing); the first is the baseline.
+        /// Variants (comma-separated): vanilla, recursive-N, mor-expert-N, mor-token-N, optionally `@L` (unrolled
+        /// layers), `+kv` (recursive KV sharing), `+async` (asynchronous depth-wise batching).
         #[arg(
             long,
-            default_value = "vanilla,recursive-3,mor-expert-2,mor-expert-3,mor-expert-4"
+            default_value = "vanilla,recursive-4,mor-expert-2,mor-expert-2+async,mor-expert-4,mor-expert-4+async"
         )]
         variants: String,
     },
@@ -870,10 +892,38 @@ fn main() -> Result<()> {
             println!("{}", mor::bench::bench_train(&o)?);
         }
         Command::Eval(c) => mor::eval::cli::run(&c)?,
+        Command::Bench(BenchCommand::Machine {
+            hidden_size,
+            heads,
+            vocab,
+            rows,
+        }) => {
+            let rows = rows
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .with_context(|| format!("--rows: {x:?} is not a positive integer"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if hidden_size == 0 || heads == 0 || hidden_size % heads != 0 || vocab == 0 {
+                anyhow::bail!(
+                    "--hidden-size must be a positive multiple of --heads, --vocab positive"
+                );
+            }
+            println!(
+                "{}",
+                mor::engine::bench::bench_machine(hidden_size, heads, vocab, &rows)?
+            );
+        }
         Command::Bench(BenchCommand::Generate {
             hidden_size,
             layers,
             batches,
+            memory_gib,
+            context,
             mean_len,
             std_len,
             requests_per_slot,
@@ -888,14 +938,19 @@ fn main() -> Result<()> {
             let batches = list(&batches)
                 .iter()
                 .map(|b| {
-                    b.parse::<usize>()
+                    b.parse::<mor::engine::bench::BatchSize>()
                         .with_context(|| format!("--batches: {b:?}"))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            if !(memory_gib > 0.0 && memory_gib.is_finite()) {
+                anyhow::bail!("--memory-gib must be positive");
+            }
             let o = mor::engine::bench::GenerateBenchOptions {
                 hidden_size,
                 layers,
                 batches,
+                context,
+                memory_budget: (memory_gib * (1u64 << 30) as f64) as usize,
                 mean_len,
                 std_len,
                 requests_per_slot,

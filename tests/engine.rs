@@ -250,6 +250,122 @@ fn cached_prefill_and_decode_match_the_full_causal_forward() -> Result<()> {
     Ok(())
 }
 
+/// Asynchronous depth-wise batching (paper App. E): four sequences, started at different steps, each with one token
+/// in flight through `CachedModel::pipeline_step`, so one call of the shared block holds tokens at different
+/// recursion depths. Every token's logits must equal the full causal forward's and its depth the synchronous step's
+/// (same routing decisions), for every routed and recursive variant, both caching schemes included.
+#[test]
+fn asynchronous_pipeline_matches_the_full_causal_forward() -> Result<()> {
+    let mut failures = Vec::new();
+    for (i, (label, json)) in variants().into_iter().enumerate() {
+        let model = tiny_model(&json, 10 + i as u64)?;
+        if model.layout().base_depth == 0 {
+            assert!(matches!(
+                CachedModel::new(&model)?.pipeline_step(&mut [], &mut [], &StepOptions::default()),
+                Err(MorError::Config(_))
+            ));
+            continue;
+        }
+        let cm = CachedModel::new(&model)?;
+        let mut rng = StdRng::seed_from_u64(200 + i as u64);
+        let seqs: Vec<Vec<u32>> = [14, 22, 9, 17]
+            .iter()
+            .map(|&n| random_tokens(&mut rng, n))
+            .collect();
+        // Sequence s joins at step 3·s; the next token of a sequence enters once its previous one has exited.
+        let mut caches: Vec<SeqKv> = (0..seqs.len()).map(|_| cm.new_cache()).collect();
+        let mut fed = vec![0usize; seqs.len()];
+        let mut flights: Vec<Option<mor::engine::Flight>> = vec![None; seqs.len()];
+        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); seqs.len()];
+        let mut depths: Vec<Vec<usize>> = vec![Vec::new(); seqs.len()];
+        let mut mixed_steps = 0;
+        for step in 0..2000 {
+            for s in 0..seqs.len() {
+                if flights[s].is_none() && step >= 3 * s && fed[s] < seqs[s].len() {
+                    flights[s] = Some(mor::engine::Flight::new(seqs[s][fed[s]]));
+                    fed[s] += 1;
+                }
+            }
+            let live: Vec<usize> = (0..seqs.len()).filter(|&s| flights[s].is_some()).collect();
+            if live.is_empty() {
+                if fed.iter().zip(&seqs).all(|(f, s)| *f == s.len()) {
+                    break;
+                }
+                continue;
+            }
+            let mut at: Vec<usize> = live
+                .iter()
+                .filter_map(|&s| flights[s].as_ref().map(|f| f.depth().unwrap_or(0)))
+                .collect();
+            at.sort_unstable();
+            at.dedup();
+            if at.len() >= 2 {
+                mixed_steps += 1;
+            }
+            let mut fl: Vec<_> = live.iter().filter_map(|&s| flights[s].take()).collect();
+            let mut refs: Vec<&mut SeqKv> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(s, _)| live.contains(s))
+                .map(|(_, c)| c)
+                .collect();
+            let out = cm.pipeline_step(&mut fl, &mut refs, &StepOptions::default())?;
+            for (k, f) in fl.into_iter().enumerate() {
+                let s = live[k];
+                match out.exited.iter().position(|&e| e == k) {
+                    Some(j) => {
+                        got[s].push(out.logits[j].clone());
+                        depths[s].push(out.depths[j]);
+                    }
+                    None => flights[s] = Some(f),
+                }
+            }
+        }
+        let mut worst = 0f32;
+        for (s, seq) in seqs.iter().enumerate() {
+            assert_eq!(got[s].len(), seq.len(), "{label}: sequence {s} incomplete");
+            let n = seq.len();
+            let cached = Tensor::from_vec(got[s].concat(), (n, VOCAB), &DEV)?;
+            worst = worst.max(max_abs_diff(&cached, &reference_logits(&model, seq)?)?);
+            // The synchronous step over the whole sequence: same routing decisions, token by token.
+            let mut c = cm.new_cache();
+            let sync = cm.step(
+                &mut [&mut c],
+                &[seq.as_slice()],
+                &StepOptions {
+                    all_logits: true,
+                    ..Default::default()
+                },
+            )?;
+            if sync.depths != depths[s] {
+                failures.push(format!(
+                    "{label}: sequence {s} depths {:?} vs synchronous {:?}",
+                    depths[s], sync.depths
+                ));
+            }
+            assert_eq!(caches[s].seq_len(), n);
+            assert_eq!(caches[s].bytes(), c.bytes(), "{label}: same cache contents");
+        }
+        let distinct = {
+            let mut d: Vec<usize> = depths.concat();
+            d.sort_unstable();
+            d.dedup();
+            d.len()
+        };
+        println!("{label:45} max |Δlogit| = {worst:.2e}, {mixed_steps} steps mixed depths");
+        if worst.is_nan() || worst >= 1e-4 {
+            failures.push(format!("{label}: max diff {worst}"));
+        }
+        if model.config().mor.is_some() && (distinct < 2 || mixed_steps == 0) {
+            failures.push(format!(
+                "{label}: no mixed-depth batch ({distinct} depths, {mixed_steps} mixed steps)"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    Ok(())
+}
+
 #[test]
 fn unsupported_and_bad_steps_are_errors() -> Result<()> {
     let json = model_json(
@@ -383,117 +499,124 @@ fn engine_matches_reference_with_requests_arriving_mid_run() -> Result<()> {
             ),
         ),
     ] {
-        let model = tiny_model(&json, 5)?;
-        let mut engine = Engine::new(
-            &model,
-            None,
-            EngineOptions {
-                max_batch: 3,
-                eos_token_id: Some(eos),
-                expert_thresholds: None,
-                ignore_eos: false,
-            },
-        )?;
-        let mut rng = StdRng::seed_from_u64(9);
-        let mut requests = Vec::new();
-        for i in 0..7u64 {
-            let prompt = if i == 2 {
-                Vec::new()
-            } else {
-                random_tokens(&mut rng, 1 + (i as usize * 3) % 9)
-            };
-            let params = SamplingParams {
-                temperature: if i % 2 == 0 { 0.0 } else { 1.0 },
-                top_k: (i == 3).then_some(8),
-                seed: i,
-                max_new_tokens: [5, 12, 30, 1, 8, 40, 3][i as usize],
-                ..Default::default()
-            };
-            requests.push((prompt, params));
-        }
-        let mut ids = Vec::new();
-        let mut results = Vec::new();
-        // Four now, the rest while the first ones run; bad requests in between are refused without effect.
-        for (p, s) in &requests[..4] {
-            ids.push(engine.submit(p.clone(), s.clone())?);
-        }
-        for _ in 0..3 {
-            engine.step()?;
-        }
-        assert!(engine.running() <= 3, "at most max_batch sequences run");
-        let bad = [
-            (vec![1u32; CTX], SamplingParams::default()),
-            (vec![VOCAB as u32], SamplingParams::default()),
-            (
-                vec![1],
-                SamplingParams {
-                    max_new_tokens: 0,
-                    ..Default::default()
+        for asynchronous in [false, true] {
+            let label = format!(
+                "{label}{}",
+                if asynchronous { " (asynchronous)" } else { "" }
+            );
+            let model = tiny_model(&json, 5)?;
+            let mut engine = Engine::new(
+                &model,
+                None,
+                EngineOptions {
+                    max_batch: 3,
+                    eos_token_id: Some(eos),
+                    expert_thresholds: None,
+                    ignore_eos: false,
+                    asynchronous,
                 },
-            ),
-            (
-                vec![1],
-                SamplingParams {
-                    max_new_tokens: usize::MAX,
+            )?;
+            let mut rng = StdRng::seed_from_u64(9);
+            let mut requests = Vec::new();
+            for i in 0..7u64 {
+                let prompt = if i == 2 {
+                    Vec::new()
+                } else {
+                    random_tokens(&mut rng, 1 + (i as usize * 3) % 9)
+                };
+                let params = SamplingParams {
+                    temperature: if i % 2 == 0 { 0.0 } else { 1.0 },
+                    top_k: (i == 3).then_some(8),
+                    seed: i,
+                    max_new_tokens: [5, 12, 30, 1, 8, 40, 3][i as usize],
                     ..Default::default()
-                },
-            ),
-            (
-                vec![1],
-                SamplingParams {
-                    temperature: f64::NAN,
-                    ..Default::default()
-                },
-            ),
-            (
-                vec![1],
-                SamplingParams {
-                    top_p: Some(1.5),
-                    ..Default::default()
-                },
-            ),
-            (
-                vec![1],
-                SamplingParams {
-                    stop: vec!["x".into()],
-                    ..Default::default()
-                },
-            ),
-        ];
-        for (p, s) in bad {
-            let e = engine.submit(p, s);
-            assert!(matches!(e, Err(MorError::Request(_))), "{e:?}");
+                };
+                requests.push((prompt, params));
+            }
+            let mut ids = Vec::new();
+            let mut results = Vec::new();
+            // Four now, the rest while the first ones run; bad requests in between are refused without effect.
+            for (p, s) in &requests[..4] {
+                ids.push(engine.submit(p.clone(), s.clone())?);
+            }
+            for _ in 0..3 {
+                engine.step()?;
+            }
+            assert!(engine.running() <= 3, "at most max_batch sequences run");
+            let bad = [
+                (vec![1u32; CTX], SamplingParams::default()),
+                (vec![VOCAB as u32], SamplingParams::default()),
+                (
+                    vec![1],
+                    SamplingParams {
+                        max_new_tokens: 0,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    vec![1],
+                    SamplingParams {
+                        max_new_tokens: usize::MAX,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    vec![1],
+                    SamplingParams {
+                        temperature: f64::NAN,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    vec![1],
+                    SamplingParams {
+                        top_p: Some(1.5),
+                        ..Default::default()
+                    },
+                ),
+                (
+                    vec![1],
+                    SamplingParams {
+                        stop: vec!["x".into()],
+                        ..Default::default()
+                    },
+                ),
+            ];
+            for (p, s) in bad {
+                let e = engine.submit(p, s);
+                assert!(matches!(e, Err(MorError::Request(_))), "{e:?}");
+            }
+            for (p, s) in &requests[4..] {
+                ids.push(engine.submit(p.clone(), s.clone())?);
+                engine.step()?;
+                results.extend(engine.take_finished());
+            }
+            results.extend(engine.run()?);
+            assert_eq!(results.len(), requests.len());
+            for (id, (prompt, params)) in ids.iter().zip(&requests) {
+                let r = results.iter().find(|r| r.id == *id).expect("finished");
+                let prompt = if prompt.is_empty() {
+                    vec![eos]
+                } else {
+                    prompt.clone()
+                };
+                let want = reference_tokens(&model, &prompt, params, eos)?;
+                assert_eq!(r.tokens, want, "{label} request {id:?}");
+                assert_eq!(r.prompt_tokens, prompt);
+                let expect_finish = if want.len() < params.max_new_tokens.min(CTX - prompt.len()) {
+                    Finish::Eos
+                } else {
+                    Finish::Length
+                };
+                assert_eq!(r.finish, expect_finish, "{label} request {id:?}");
+            }
+            let st = engine.stats();
+            println!(
+                "{label}: {} steps, {} sampled, depths {:?}",
+                st.steps, st.generated, st.depths
+            );
+            assert!(engine.is_idle() && engine.kv_bytes() == 0);
         }
-        for (p, s) in &requests[4..] {
-            ids.push(engine.submit(p.clone(), s.clone())?);
-            engine.step()?;
-            results.extend(engine.take_finished());
-        }
-        results.extend(engine.run()?);
-        assert_eq!(results.len(), requests.len());
-        for (id, (prompt, params)) in ids.iter().zip(&requests) {
-            let r = results.iter().find(|r| r.id == *id).expect("finished");
-            let prompt = if prompt.is_empty() {
-                vec![eos]
-            } else {
-                prompt.clone()
-            };
-            let want = reference_tokens(&model, &prompt, params, eos)?;
-            assert_eq!(r.tokens, want, "{label} request {id:?}");
-            assert_eq!(r.prompt_tokens, prompt);
-            let expect_finish = if want.len() < params.max_new_tokens.min(CTX - prompt.len()) {
-                Finish::Eos
-            } else {
-                Finish::Length
-            };
-            assert_eq!(r.finish, expect_finish, "{label} request {id:?}");
-        }
-        let st = engine.stats();
-        println!(
-            "{label}: {} steps, {} sampled, depths {:?}",
-            st.steps, st.generated, st.depths
-        );
-        assert!(engine.is_idle() && engine.kv_bytes() == 0);
     }
     let model = tiny_model(&model_json(8, ""), 5)?;
     assert!(Engine::new(
@@ -546,5 +669,46 @@ fn cached_generate_matches_full_recompute() -> Result<()> {
         assert_eq!(fast.finish, slow.finish);
         assert_eq!(a, b);
     }
+    Ok(())
+}
+
+/// The paper's B=Max (§3.3): 32 × the ratio of the largest batches under one memory budget (parameters + K/V at full
+/// context). MoR-4 (1 + 8×4 + 1, capacities 1, 3/4, 1/2, 1/4) caches 2 + 8·(1 + 3/4 + 1/2 + 1/4) = 22 layer-caches per
+/// token where the 34-layer vanilla caches 34 (10 with recursive KV sharing), so with small parameters B=Max ≈ 32 ·
+/// 34/22 ≈ 49–50 (the paper: 51 with a 360M model).
+#[test]
+fn b_max_follows_the_paper_definition() -> Result<()> {
+    use mor::engine::bench::{
+        full_context_kv_bytes, generate_variant_config, max_batch, GenerateBenchOptions,
+    };
+    let o = GenerateBenchOptions {
+        hidden_size: 64,
+        vocab: 256,
+        ..Default::default()
+    };
+    let kv = |name: &str| -> Result<usize> {
+        Ok(full_context_kv_bytes(
+            &generate_variant_config(name, &o)?,
+            o.context,
+        ))
+    };
+    let (v, m4, m4kv) = (kv("vanilla")?, kv("mor-expert-4")?, kv("mor-expert-4+kv")?);
+    assert_eq!(v * 22, m4 * 34);
+    assert_eq!(v * 10, m4kv * 34);
+    // 34 layers × 512 positions × K and V × 2 KV heads × 16 dims × 4 bytes.
+    assert_eq!(v, 34 * 512 * 2 * 2 * 16 * 4);
+    let vanilla = MorModel::new(&generate_variant_config("vanilla", &o)?, &DEV, 0)?;
+    let mor4 = MorModel::new(&generate_variant_config("mor-expert-4", &o)?, &DEV, 0)?;
+    let budget = 1 << 30;
+    let (bv, bm) = (
+        max_batch(&vanilla, o.context, budget),
+        max_batch(&mor4, o.context, budget),
+    );
+    assert!(bv > 0 && bm > bv);
+    let b_max = (32.0 * bm as f64 / bv as f64).round() as usize;
+    assert!((49..=50).contains(&b_max), "B=Max {b_max}");
+    assert!(generate_variant_config("mor-expert-4+bogus", &o).is_err());
+    assert!(generate_variant_config("mor-expert-4@x", &o).is_err());
+    assert!("0".parse::<mor::engine::bench::BatchSize>().is_err());
     Ok(())
 }

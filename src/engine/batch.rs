@@ -1,12 +1,18 @@
 //! Continuous batching (paper §3.3, App. E; spec §4): a queue of requests, a fixed number of slots, and a step that
-//! advances every running sequence by one token.
+//! advances the running sequences.
 //!
-//! Each step feeds, in one [`CachedModel::step`], the prompt of every newly admitted sequence (its prefill) and the
-//! last sampled token of every running one. For vanilla and recursive models that is continuous sequence-wise
-//! batching; for MoR the same call batches the tokens of all sequences depth by depth (depth-wise batching), so a
-//! token that exits early costs nothing at deeper recursions. A slot freed by a finished sequence is refilled from
-//! the queue at the start of the next step.
+//! Synchronous mode (default): each step feeds, in one [`CachedModel::step`], the prompt of every newly admitted
+//! sequence (its prefill) and the last sampled token of every running one, so every running sequence advances by one
+//! token. For vanilla and recursive models that is continuous sequence-wise batching; for MoR the same call batches
+//! the tokens of all sequences depth by depth, so the shared block runs once per recursion with shrinking batches.
 //!
+//! Asynchronous mode ([`EngineOptions::asynchronous`], the paper's scheme): each sequence has one token in flight
+//! ([`Flight`]), and every step runs the shared block once over all of them, whatever recursion each is at
+//! ([`CachedModel::pipeline_step`]); a token that exits goes through the last layer, LM head and sampling in the same
+//! step, and its sequence's next token enters at the next step. The block thus runs at (near) full batch and its
+//! weights are read once per step for all depths. Same logits as the synchronous mode (`tests/engine.rs`).
+//!
+//! In both modes a slot freed by a finished sequence is refilled from the queue at the start of the next step.
 //! Requests are validated on [`Engine::submit`] so a bad one is refused with a [`MorError::Request`] and never
 //! reaches the batch; a sampling failure at run time ends only its own sequence ([`Finish::Failed`]).
 
@@ -16,7 +22,7 @@ use candle_core::DType;
 
 use crate::data::Tokenizer;
 use crate::engine::cache::{recursion_block, SeqKv};
-use crate::engine::forward::{CachedModel, StepOptions};
+use crate::engine::forward::{CachedModel, Flight, StepOptions};
 use crate::error::{MorError, Result};
 use crate::model::MorModel;
 use crate::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
@@ -34,6 +40,12 @@ pub struct EngineOptions {
     pub expert_thresholds: Option<Vec<f64>>,
     /// Keep generating after EOS until `max_new_tokens` (benchmarks: fixed generation lengths).
     pub ignore_eos: bool,
+    /// Asynchronous depth-wise batching (paper §3.3, App. E) for models with a recursion block: every step runs the
+    /// shared block once over the tokens of all sequences at whatever recursion depth each is, instead of once per
+    /// depth with shrinking batches; a token that exits goes to the suffix layers, LM head and sampling at once and
+    /// its sequence's next token enters at the next step. Same logits as the synchronous mode. Ignored for vanilla
+    /// models (no recursion block).
+    pub asynchronous: bool,
 }
 
 impl Default for EngineOptions {
@@ -43,6 +55,7 @@ impl Default for EngineOptions {
             eos_token_id: None,
             expert_thresholds: None,
             ignore_eos: false,
+            asynchronous: false,
         }
     }
 }
@@ -94,6 +107,9 @@ pub struct EngineStats {
     pub peak_kv_bytes: usize,
     /// Largest K/V bytes of the recursion-block layers alone.
     pub peak_kv_block_bytes: usize,
+    /// Token-recursions run by the recursion block (Σ depths); with [`Self::steps`] this gives the mean rows per
+    /// call of the shared block.
+    pub block_rows: usize,
 }
 
 struct Queued {
@@ -114,6 +130,8 @@ struct Running {
     cache: SeqKv,
     pending: Vec<u32>,
     decoded_len: usize,
+    /// Asynchronous mode: the token in flight (`None` until the prompt's prefill is done).
+    flight: Option<Flight>,
 }
 
 /// A continuous-batching generation engine over one model.
@@ -260,10 +278,14 @@ impl<'m> Engine<'m> {
                 max_new: q.max_new,
                 cache: self.model.new_cache(),
                 decoded_len: 0,
+                flight: None,
             });
         }
         if self.running.is_empty() {
             return Ok(0);
+        }
+        if self.opts.asynchronous && self.model.model().layout().base_depth > 0 {
+            return self.step_async();
         }
         let opts = StepOptions {
             expert_thresholds: self.opts.expert_thresholds.clone(),
@@ -277,25 +299,16 @@ impl<'m> Engine<'m> {
                 .unzip();
             self.model.step(&mut caches, &toks, &opts)
         };
-        let out = match result.and_then(|o| {
+        let (out, rows) = match result.and_then(|o| {
             let rows: Vec<Vec<f32>> = o.logits.to_dtype(DType::F32)?.to_vec2()?;
             Ok((o, rows))
         }) {
             Ok(o) => o,
             Err(e) => {
-                for r in std::mem::take(&mut self.running) {
-                    self.finished.push(Finished {
-                        id: r.id,
-                        prompt_tokens: r.prompt,
-                        tokens: r.tokens,
-                        text: None,
-                        finish: Finish::Failed(format!("model step failed: {e}")),
-                    });
-                }
+                self.fail_all(&e);
                 return Err(e);
             }
         };
-        let (out, rows) = out;
         self.stats.steps += 1;
         for &d in &out.depths {
             if d >= self.stats.depths.len() {
@@ -304,16 +317,115 @@ impl<'m> Engine<'m> {
             self.stats.depths[d] += 1;
         }
         self.stats.processed += out.depths.len();
+        self.stats.block_rows += out.depths.iter().sum::<usize>();
+        self.record_kv();
+        let all: Vec<usize> = (0..self.running.len()).collect();
+        self.sample_and_retire(&all, &rows)
+    }
+
+    /// Asynchronous step (see [`EngineOptions::asynchronous`]): prefill the prompts of newly admitted sequences
+    /// but their last token (synchronously, as one batched step), then one [`CachedModel::pipeline_step`] over the
+    /// tokens in flight of all running sequences; sample for the tokens that exited and put each sequence's next
+    /// token in flight.
+    fn step_async(&mut self) -> Result<usize> {
+        let opts = StepOptions {
+            expert_thresholds: self.opts.expert_thresholds.clone(),
+            ..Default::default()
+        };
+        let result = (|| -> Result<_> {
+            // Prompts longer than one token: everything but the last token is prefilled now.
+            let (mut caches, toks): (Vec<&mut SeqKv>, Vec<&[u32]>) = self
+                .running
+                .iter_mut()
+                .filter(|r| r.flight.is_none() && r.pending.len() > 1)
+                .map(|r| (&mut r.cache, &r.pending[..r.pending.len() - 1]))
+                .unzip();
+            if !caches.is_empty() {
+                let out = self.model.step(&mut caches, &toks, &opts)?;
+                self.stats.processed += out.depths.len();
+                for &d in &out.depths {
+                    if d >= self.stats.depths.len() {
+                        self.stats.depths.resize(d + 1, 0);
+                    }
+                    self.stats.depths[d] += 1;
+                }
+            }
+            for r in self.running.iter_mut().filter(|r| r.flight.is_none()) {
+                let last = *r.pending.last().ok_or_else(|| {
+                    MorError::Request("a running sequence has no token to feed".into())
+                })?;
+                r.flight = Some(Flight::new(last));
+            }
+            let (mut caches, mut flights): (Vec<&mut SeqKv>, Vec<Flight>) = self
+                .running
+                .iter_mut()
+                .map(|r| {
+                    (
+                        &mut r.cache,
+                        r.flight.take().unwrap_or_else(|| Flight::new(0)),
+                    )
+                })
+                .unzip();
+            let out = self.model.pipeline_step(&mut flights, &mut caches, &opts);
+            drop(caches);
+            for (r, f) in self.running.iter_mut().zip(flights) {
+                r.flight = Some(f);
+            }
+            out
+        })();
+        let out = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.fail_all(&e);
+                return Err(e);
+            }
+        };
+        self.stats.steps += 1;
+        self.stats.block_rows += out.block_rows;
+        for &d in &out.depths {
+            if d >= self.stats.depths.len() {
+                self.stats.depths.resize(d + 1, 0);
+            }
+            self.stats.depths[d] += 1;
+        }
+        self.stats.processed += out.depths.len();
+        self.record_kv();
+        for &i in &out.exited {
+            self.running[i].flight = None;
+        }
+        self.sample_and_retire(&out.exited, &out.logits)
+    }
+
+    /// Fail every running sequence after a model error (their caches may be inconsistent).
+    fn fail_all(&mut self, e: &MorError) {
+        for r in std::mem::take(&mut self.running) {
+            self.finished.push(Finished {
+                id: r.id,
+                prompt_tokens: r.prompt,
+                tokens: r.tokens,
+                text: None,
+                finish: Finish::Failed(format!("model step failed: {e}")),
+            });
+        }
+    }
+
+    /// Update the peak K/V counters after a step.
+    fn record_kv(&mut self) {
         let block = recursion_block(self.model.model());
         let (kv, kv_block) = self.running.iter().fold((0, 0), |(a, b), r| {
             (a + r.cache.bytes(), b + r.cache.bytes_in(block.clone()))
         });
         self.stats.peak_kv_bytes = self.stats.peak_kv_bytes.max(kv);
         self.stats.peak_kv_block_bytes = self.stats.peak_kv_block_bytes.max(kv_block);
+    }
 
+    /// Sample the next token of the running sequences `idx` (ascending) from their logits `rows`, and retire the
+    /// ones that finished. Returns the number of tokens sampled.
+    fn sample_and_retire(&mut self, idx: &[usize], rows: &[Vec<f32>]) -> Result<usize> {
         let mut sampled = 0;
         let mut done = Vec::new();
-        for (i, (r, row)) in self.running.iter_mut().zip(&rows).enumerate() {
+        for (&i, row) in idx.iter().zip(rows) {
+            let r = &mut self.running[i];
             let next = match r.sampler.sample(row, &r.context) {
                 Ok(t) => t,
                 Err(e) => {

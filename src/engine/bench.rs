@@ -1,12 +1,16 @@
 //! `mor bench generate`: generation throughput of vanilla, recursive and MoR models of the same width and unrolled
-//! depth under continuous batching, in the style of the paper's Fig. 4a / App. E (spec §4).
+//! depth under continuous batching, in the style of the paper's Fig. 4a / App. E (spec §4); `mor bench machine`:
+//! the GEMM GFLOP/s and memory GB/s that say which regime each batch size is in.
 //!
 //! Workload: for each batch size B, 3·B requests (at least 6) with empty prompts (generation starts from EOS, like
 //! the paper's "no prefix" queries) and generation lengths ~ Normal(mean, std) clipped to [1, context − 1]; every
-//! variant gets the same lengths and seeds. Models are random, so expert-choice routers are calibrated: per-recursion
-//! thresholds are set on a calibration batch so the realised depth distribution matches the configured capacities
-//! (N_r/N_r, …, 1/N_r), and the output says so. As in `mor bench train`, runs are interleaved round-robin and
-//! repeated, and medians and ratios to vanilla from the same run are reported, with the load average.
+//! variant gets the same lengths and seeds. B=Max is the paper's: 32 × the ratio of the variant's largest batch to
+//! vanilla's under one memory budget (parameters + K/V at full context), so vanilla runs at 32 and MoR-4 at ~50.
+//! Variants with `+async` use the asynchronous depth-wise batching of the paper's App. E. Models are random, so
+//! expert-choice routers are calibrated: per-recursion thresholds are set on a calibration batch so the realised
+//! depth distribution matches the configured capacities (N_r/N_r, …, 1/N_r), and the output says so. As in
+//! `mor bench train`, runs are interleaved round-robin and repeated, and medians and ratios to vanilla from the same
+//! run are reported, with the load average.
 
 use std::fmt;
 use std::time::Instant;
@@ -80,7 +84,8 @@ pub struct GenerateBenchOptions {
     pub hidden_size: usize,
     /// Query heads (KV heads = heads / 2).
     pub heads: usize,
-    /// Unrolled layers of every variant; (layers − 2) must be divisible by each N_r (14 serves N_r = 2, 3, 4).
+    /// Unrolled layers of every variant unless `@L`; (layers − 2) must be divisible by each N_r (34: the paper's
+    /// MoR-4 against a 34-layer vanilla; 26 serves N_r = 2, 3, 4).
     pub layers: usize,
     /// Vocabulary size.
     pub vocab: usize,
@@ -92,12 +97,16 @@ pub struct GenerateBenchOptions {
     pub std_len: f64,
     /// Requests per batch slot (requests = max(6, this · B)).
     pub requests_per_slot: usize,
-    /// Batch sizes (slots).
-    pub batches: Vec<usize>,
+    /// Batch sizes (slots); [`BatchSize::Max`] is the paper's B=Max.
+    pub batches: Vec<BatchSize>,
+    /// Memory budget (bytes) for B=Max: parameters plus K/V at full context (the paper: the GPU's memory).
+    pub memory_budget: usize,
     /// Rounds (each runs every variant at every batch size once, interleaved).
     pub rounds: usize,
-    /// Variants by name (vanilla, recursive-N, mor-expert-N, mor-token-N; suffix `+kv` for recursive KV sharing);
-    /// the first is the baseline.
+    /// Variants by name: vanilla, recursive-N, mor-expert-N, mor-token-N, optionally followed by `@L` (unrolled
+    /// layers, instead of `layers`), `+kv` (recursive KV sharing) and `+async` (asynchronous depth-wise batching,
+    /// [`EngineOptions::asynchronous`]). A row's baseline is the first `vanilla` variant with the same unrolled
+    /// depth, else the first variant.
     pub variants: Vec<String>,
 }
 
@@ -106,20 +115,27 @@ impl Default for GenerateBenchOptions {
         GenerateBenchOptions {
             hidden_size: 256,
             heads: 4,
-            layers: 14,
+            layers: 34,
             vocab: 4096,
             context: 512,
-            mean_len: 64.0,
-            std_len: 16.0,
+            mean_len: 128.0,
+            std_len: 32.0,
             requests_per_slot: 3,
-            batches: vec![1, 8, 32, 64],
+            batches: vec![
+                BatchSize::Fixed(1),
+                BatchSize::Fixed(8),
+                BatchSize::Fixed(32),
+                BatchSize::Max,
+            ],
+            memory_budget: 16 << 30,
             rounds: 3,
             variants: [
                 "vanilla",
-                "recursive-3",
+                "recursive-4",
                 "mor-expert-2",
-                "mor-expert-3",
+                "mor-expert-2+async",
                 "mor-expert-4",
+                "mor-expert-4+async",
             ]
             .map(String::from)
             .to_vec(),
@@ -127,21 +143,80 @@ impl Default for GenerateBenchOptions {
     }
 }
 
+/// A batch size of the generation benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    /// This many slots for every variant.
+    Fixed(usize),
+    /// The paper's B=Max (§3.3, spec §4): 32 × (largest batch of the variant / largest batch of vanilla) under the
+    /// same memory budget, counting parameters and K/V at full context; vanilla runs at 32.
+    Max,
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = MorError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "max" | "Max" | "MAX" => Ok(BatchSize::Max),
+            t => match t.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(BatchSize::Fixed(n)),
+                _ => Err(MorError::Config(format!(
+                    "batch size {t:?}: use a positive integer or `max`"
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatchSize::Fixed(n) => write!(f, "{n}"),
+            BatchSize::Max => write!(f, "Max"),
+        }
+    }
+}
+
+/// A parsed variant name: (base kind such as `mor-expert-4`, unrolled layers, KV sharing, asynchronous).
+fn parse_variant(name: &str, o: &GenerateBenchOptions) -> Result<(String, usize, bool, bool)> {
+    let mut parts = name.split('+');
+    let head = parts.next().unwrap_or_default();
+    let (mut kv, mut asy) = (false, false);
+    for p in parts {
+        match p {
+            "kv" => kv = true,
+            "async" => asy = true,
+            _ => {
+                return Err(MorError::Config(format!(
+                    "variant {name:?}: unknown suffix +{p} (use +kv, +async)"
+                )))
+            }
+        }
+    }
+    let (base, layers) = match head.split_once('@') {
+        Some((b, l)) => (
+            b,
+            l.parse::<usize>().map_err(|_| {
+                MorError::Config(format!("variant {name:?}: bad layer count {l:?}"))
+            })?,
+        ),
+        None => (head, o.layers),
+    };
+    Ok((base.to_string(), layers, kv, asy))
+}
+
 /// The config of a benchmark variant.
 pub fn generate_variant_config(name: &str, o: &GenerateBenchOptions) -> Result<ModelConfig> {
-    let (base, kv) = match name.strip_suffix("+kv") {
-        Some(b) => (b, true),
-        None => (name, false),
-    };
+    let (base, layers, kv, _) = parse_variant(name, o)?;
     let shape = TrainBenchOptions {
         hidden_size: o.hidden_size,
         heads: o.heads,
-        layers: o.layers,
+        layers,
         vocab: o.vocab,
         seq_len: o.context,
         ..Default::default()
     };
-    let mut cfg = variant_config(base, &shape)?;
+    let mut cfg = variant_config(&base, &shape)?;
     if kv {
         cfg.kv_sharing = Some(KvSharingConfig::default());
     }
@@ -150,13 +225,55 @@ pub fn generate_variant_config(name: &str, o: &GenerateBenchOptions) -> Result<M
     Ok(cfg)
 }
 
+/// K/V bytes one sequence holds at full context (`context` tokens) in f32, from the configured depth distribution:
+/// every token in the prefix/suffix layers; in recursion r a fraction equal to its capacity (expert-choice), the
+/// balanced share (N_r − r)/N_r (token-choice), 1 (recursive); only recursion 1 under KV sharing (paper Table 2).
+pub fn full_context_kv_bytes(cfg: &ModelConfig, context: usize) -> usize {
+    let l = cfg.layout();
+    let per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim() * 4;
+    let layers: f64 = if l.base_depth == 0 {
+        l.num_layers() as f64
+    } else {
+        let n_r = l.num_recursion;
+        let frac: Vec<f64> = if cfg.expert_choice().is_some() {
+            cfg.capacities()
+        } else if cfg.mor.is_some() {
+            (0..n_r).map(|r| (n_r - r) as f64 / n_r as f64).collect()
+        } else {
+            vec![1.0; n_r]
+        };
+        let block: f64 = if cfg.kv_sharing.is_some() {
+            frac.first().copied().unwrap_or(1.0)
+        } else {
+            frac.iter().sum()
+        };
+        (l.num_layers() - l.base_depth * n_r) as f64 + l.base_depth as f64 * block
+    };
+    (layers * per_token_layer as f64 * context as f64).round() as usize
+}
+
+/// The largest batch of `model` under `budget` bytes: (budget − parameter bytes) / K/V bytes per sequence at full
+/// context.
+pub fn max_batch(model: &MorModel, context: usize, budget: usize) -> usize {
+    let params = model.params().num_scalars() * model.params().dtype().size_in_bytes();
+    budget.saturating_sub(params) / full_context_kv_bytes(model.config(), context).max(1)
+}
+
 /// Measurements of one variant at one batch size.
 #[derive(Debug, Clone)]
 pub struct GenerateBenchRow {
     /// Variant name.
     pub name: String,
-    /// Batch size (slots).
+    /// Batch size as requested (a number or B=Max).
+    pub batch_label: BatchSize,
+    /// Batch size (slots) this variant ran at.
     pub batch: usize,
+    /// Unrolled layers.
+    pub layers: usize,
+    /// Largest batch under the memory budget ([`max_batch`]).
+    pub max_batch: usize,
+    /// Mean rows per call of the shared block (token-recursions per step; 0 for vanilla).
+    pub block_rows_per_step: f64,
     /// Requests in the workload.
     pub requests: usize,
     /// Tokens generated per run.
@@ -180,8 +297,11 @@ pub struct GenerateBenchRow {
 pub struct GenerateBenchReport {
     /// Options used.
     pub options: GenerateBenchOptions,
-    /// One row per (batch, variant), batch-major; the first variant of each batch is the baseline.
+    /// One row per (batch, variant), batch-major.
     pub rows: Vec<GenerateBenchRow>,
+    /// Index of each row's baseline row (same batch label; the first `vanilla` variant with the same unrolled
+    /// depth, else the first variant).
+    pub baseline: Vec<usize>,
     /// Load averages before and after.
     pub load: (Option<[f64; 3]>, Option<[f64; 3]>),
 }
@@ -224,6 +344,7 @@ fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<V
                 eos_token_id: Some(0),
                 expert_thresholds: Some(thr.clone()),
                 ignore_eos: true,
+                asynchronous: false,
             },
         )?;
         for i in 0..32u64 {
@@ -251,24 +372,63 @@ fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<V
 pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
     let load_before = load_average();
     let dev = Device::Cpu;
-    let mut models = Vec::new();
+    // Variants differing only by `+async` share one model (same weights and calibration).
+    let mut models: Vec<(String, MorModel, Option<Vec<f64>>)> = Vec::new();
+    let mut variants = Vec::new();
     for name in &o.variants {
-        let cfg = generate_variant_config(name, o)?;
-        let model = MorModel::new(&cfg, &dev, 0)?;
-        let thresholds = if cfg.expert_choice().is_some() {
-            Some(calibrate_on_own_text(&model, o)?)
-        } else {
-            None
+        let (base, layers, kv, asy) = parse_variant(name, o)?;
+        let key = format!("{base}@{layers}{}", if kv { "+kv" } else { "" });
+        let mi = match models.iter().position(|m| m.0 == key) {
+            Some(i) => i,
+            None => {
+                let cfg = generate_variant_config(name, o)?;
+                let model = MorModel::new(&cfg, &dev, 0)?;
+                let thresholds = if cfg.expert_choice().is_some() {
+                    Some(calibrate_on_own_text(&model, o)?)
+                } else {
+                    None
+                };
+                models.push((key, model, thresholds));
+                models.len() - 1
+            }
         };
-        models.push((name.clone(), model, thresholds));
+        let vanilla_base = base == "vanilla";
+        let mb = max_batch(&models[mi].1, o.context, o.memory_budget);
+        variants.push((name.clone(), mi, asy, layers, vanilla_base, mb));
     }
     let mut rows: Vec<GenerateBenchRow> = Vec::new();
-    for &b in &o.batches {
-        let reqs = workload(o, b);
-        for (name, _, thr) in &models {
+    let mut baseline = Vec::new();
+    let mut plan = Vec::new();
+    for &bl in &o.batches {
+        let first = rows.len();
+        // B=Max: the workload of the largest B=Max, the same for every variant.
+        let batch_of = |v: &(String, usize, bool, usize, bool, usize)| -> usize {
+            match bl {
+                BatchSize::Fixed(n) => n,
+                BatchSize::Max => {
+                    let vb = variants
+                        .iter()
+                        .find(|w| w.4 && w.3 == v.3)
+                        .or(variants.first())
+                        .map_or(v.5, |w| w.5);
+                    ((32.0 * v.5 as f64 / vb.max(1) as f64).round() as usize).max(1)
+                }
+            }
+        };
+        let wl = variants.iter().map(&batch_of).max().unwrap_or(1);
+        let reqs = workload(o, wl);
+        for v in &variants {
+            let b = batch_of(v);
+            let base = variants.iter().position(|w| w.4 && w.3 == v.3).unwrap_or(0);
+            baseline.push(first + base);
+            plan.push((v.1, v.2, b, wl));
             rows.push(GenerateBenchRow {
-                name: name.clone(),
+                name: v.0.clone(),
+                batch_label: bl,
                 batch: b,
+                layers: v.3,
+                max_batch: v.5,
+                block_rows_per_step: 0.0,
                 requests: reqs.len(),
                 tokens: reqs.iter().map(|r| r.0).sum(),
                 secs: Vec::new(),
@@ -276,11 +436,16 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
                 peak_kv_bytes: 0,
                 peak_kv_block_bytes: 0,
                 peak_bytes: 0,
-                thresholds: thr.clone(),
+                thresholds: models[v.1].2.clone(),
             });
         }
     }
-    let run = |model: &MorModel, thr: &Option<Vec<f64>>, b: usize| -> Result<(f64, EngineStats)> {
+    let run = |model: &MorModel,
+               thr: &Option<Vec<f64>>,
+               asynchronous: bool,
+               b: usize,
+               wl: usize|
+     -> Result<(f64, EngineStats)> {
         let mut engine = Engine::new(
             model,
             None,
@@ -289,9 +454,10 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
                 eos_token_id: Some(0),
                 expert_thresholds: thr.clone(),
                 ignore_eos: true,
+                asynchronous,
             },
         )?;
-        for (len, seed) in workload(o, b) {
+        for (len, seed) in workload(o, wl) {
             engine.submit(
                 Vec::new(),
                 SamplingParams {
@@ -307,30 +473,36 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
         let secs = t0.elapsed().as_secs_f64();
         Ok((secs, engine.stats().clone()))
     };
-    // One untimed warm-up run per variant at the smallest batch.
-    for (_, model, thr) in &models {
-        run(model, thr, 1)?;
+    // One untimed warm-up run per variant at batch 1.
+    for v in &variants {
+        run(&models[v.1].1, &models[v.1].2, v.2, 1, 1)?;
     }
     for _ in 0..o.rounds {
-        let mut i = 0;
-        for &b in &o.batches {
-            for (_, model, thr) in &models {
-                crate::alloc::reset_peak();
-                let (secs, st) = run(model, thr, b)?;
-                let row = &mut rows[i];
-                row.peak_bytes = row.peak_bytes.max(crate::alloc::peak_bytes());
-                row.secs.push(secs);
-                let total = st.processed.max(1) as f64;
-                row.depth_fractions = st.depths.iter().map(|&c| c as f64 / total).collect();
-                row.peak_kv_bytes = row.peak_kv_bytes.max(st.peak_kv_bytes);
-                row.peak_kv_block_bytes = row.peak_kv_block_bytes.max(st.peak_kv_block_bytes);
-                i += 1;
-            }
+        for (i, &(mi, asy, b, wl)) in plan.iter().enumerate() {
+            crate::alloc::reset_peak();
+            let (secs, st) = run(&models[mi].1, &models[mi].2, asy, b, wl)?;
+            let row = &mut rows[i];
+            row.peak_bytes = row.peak_bytes.max(crate::alloc::peak_bytes());
+            row.secs.push(secs);
+            let total = st.processed.max(1) as f64;
+            row.depth_fractions = st.depths.iter().map(|&c| c as f64 / total).collect();
+            row.peak_kv_bytes = row.peak_kv_bytes.max(st.peak_kv_bytes);
+            row.peak_kv_block_bytes = row.peak_kv_block_bytes.max(st.peak_kv_block_bytes);
+            row.block_rows_per_step = if models[mi].1.layout().base_depth == 0 {
+                0.0
+            } else if asy {
+                st.block_rows as f64 / st.steps.max(1) as f64
+            } else {
+                // Synchronous: the block is called once per recursion per step.
+                st.block_rows as f64
+                    / (st.steps.max(1) * models[mi].1.layout().num_recursion) as f64
+            };
         }
     }
     Ok(GenerateBenchReport {
         options: o.clone(),
         rows,
+        baseline,
         load: (load_before, load_average()),
     })
 }
@@ -340,9 +512,9 @@ impl fmt::Display for GenerateBenchReport {
         let o = &self.options;
         writeln!(
             f,
-            "generation (KV cache, continuous batching; MoR: depth-wise), d={} heads={} layers={} (unrolled, all \
-             variants) vocab={} context={}; empty prompts (start at EOS), lengths ~ N({}, {}²) clipped, EOS \
-             ignored, temperature 1; {} rounds interleaved, medians; threads={}",
+            "generation (KV cache, continuous batching; MoR: depth-wise, `+async` = asynchronous), d={} heads={} \
+             layers={} (unrolled, unless @L) vocab={} context={}; empty prompts (start at EOS), lengths ~ N({}, {}²) \
+             clipped, EOS ignored, temperature 1; {} rounds interleaved, medians; threads={}",
             o.hidden_size,
             o.heads,
             o.layers,
@@ -351,12 +523,19 @@ impl fmt::Display for GenerateBenchReport {
             o.mean_len,
             o.std_len,
             o.rounds,
-            candle_core::utils::get_num_threads()
+            crate::engine::num_threads()
         )?;
         writeln!(
             f,
             "random weights: expert-choice thresholds calibrated on 32 sequences the model generated itself so the \
              depth distribution matches capacities (N_r−r)/N_r; time includes prefill, KV-cache updates and sampling"
+        )?;
+        writeln!(
+            f,
+            "B=Max = 32 × (max batch of the variant / max batch of vanilla) under {:.1} GiB for parameters + f32 K/V \
+             at full context ({} tokens); absolute max batch in the `max B` column",
+            o.memory_budget as f64 / (1u64 << 30) as f64,
+            o.context
         )?;
         let mut seen = std::collections::BTreeSet::new();
         for r in &self.rows {
@@ -368,17 +547,16 @@ impl fmt::Display for GenerateBenchReport {
         }
         writeln!(
             f,
-            "| B | variant | requests | tokens | median s | tokens/s | vs vanilla | tokens per depth (0..N_r) | \
-             peak KV MiB | KV vs vanilla | peak heap MiB |"
+            "| B | variant | slots | requests | tokens | median s | tokens/s | vs vanilla | tokens per depth (0..N_r) | \
+             block rows/call | peak KV MiB | KV vs vanilla | peak heap MiB | max B |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            f,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
-        let mut base: Option<&GenerateBenchRow> = None;
-        for r in &self.rows {
-            if base.is_none_or(|b| b.batch != r.batch) {
-                base = Some(r);
-            }
-            let b = base.unwrap_or(r);
+        for (r, &bi) in self.rows.iter().zip(&self.baseline) {
+            let b = &self.rows[bi];
             let t = median(&r.secs);
             let tps = r.tokens as f64 / t;
             let base_tps = b.tokens as f64 / median(&b.secs);
@@ -389,19 +567,143 @@ impl fmt::Display for GenerateBenchReport {
                 .collect();
             writeln!(
                 f,
-                "| {} | {} | {} | {} | {:.3} | {:.0} | ×{:.2} | {} | {:.2} | {:.3} | {:.0} |",
-                r.batch,
+                "| {} | {} | {} | {} | {} | {:.3} | {:.0} | ×{:.2} | {} | {:.1} | {:.2} | {:.3} | {:.0} | {} |",
+                r.batch_label,
                 r.name,
+                r.batch,
                 r.requests,
                 r.tokens,
                 t,
                 tps,
                 tps / base_tps,
                 depths.join(" / "),
+                r.block_rows_per_step,
                 mib(r.peak_kv_bytes),
                 r.peak_kv_bytes as f64 / b.peak_kv_bytes.max(1) as f64,
                 mib(r.peak_bytes),
+                r.max_batch,
             )?;
+        }
+        writeln!(f, "{}", crate::bench::load_line(self.load))
+    }
+}
+
+/// Measured compute and memory speed of this machine at the engine's shapes (`mor bench machine`), to say which
+/// regime each batch size is in: a GEMM of m rows against a [k, n] weight does 2·m·k·n FLOPs on 4·k·n weight bytes,
+/// so it is bandwidth-bound when m < (GFLOP/s) / (2 · GB/s / 4) rows and compute-bound above.
+#[derive(Debug, Clone)]
+pub struct MachineReport {
+    /// candle's thread count during the run.
+    pub threads: usize,
+    /// (m, k, n, median GFLOP/s) of `x[m, k] @ w[k, n]` in f32 through candle (as the engine's `matmul_rows`).
+    pub gemm: Vec<(usize, usize, usize, f64)>,
+    /// (buffer bytes, median GB/s) of one thread summing a buffer of f32 (L2-, L3- and DRAM-sized buffers).
+    pub read: Vec<(usize, f64)>,
+    /// Load averages before and after.
+    pub load: (Option<[f64; 3]>, Option<[f64; 3]>),
+}
+
+/// Median seconds of `f` over 5 repetitions, each repeated until it lasts at least 20 ms (returns seconds per call).
+fn time_median(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut reps = 1usize;
+    loop {
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        if t0.elapsed().as_secs_f64() >= 0.02 || reps >= 1 << 20 {
+            break;
+        }
+        reps *= 2;
+    }
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        v.push(t0.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(median(&v))
+}
+
+/// Sum of a buffer in 16 independent lanes (vectorised by the compiler; the lanes hide the add latency, so the loop
+/// runs at the speed the memory system delivers the data).
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for l in 0..16 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Measure GEMM GFLOP/s at the shapes of a layer of width `d` (FFN `3d`, the benchmark's GQA with half the heads
+/// as KV heads) and LM head of `vocab`, for each row count in `rows`, and single-thread read bandwidth.
+pub fn bench_machine(
+    d: usize,
+    heads: usize,
+    vocab: usize,
+    rows: &[usize],
+) -> Result<MachineReport> {
+    let load_before = load_average();
+    let dev = Device::Cpu;
+    let hd = d / heads.max(1);
+    let kv = (heads / 2).max(1) * hd;
+    let f = 3 * d;
+    let shapes = [(d, d + 2 * kv), (d, d), (d, 2 * f), (f, d), (d, vocab)];
+    let mut gemm = Vec::new();
+    let mut rng = StdRng::seed_from_u64(3);
+    for &(k, n) in &shapes {
+        let w: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
+        let w = candle_core::Tensor::from_vec(w, (k, n), &dev)?;
+        for &m in rows {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
+            let x = candle_core::Tensor::from_vec(x, (m, k), &dev)?;
+            let secs = time_median(|| {
+                let y = x.matmul(&w)?;
+                std::hint::black_box(y);
+                Ok(())
+            })?;
+            gemm.push((m, k, n, 2.0 * (m * k * n) as f64 / secs / 1e9));
+        }
+    }
+    let mut read = Vec::new();
+    for bytes in [512usize << 10, 8 << 20, 512 << 20] {
+        let buf: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
+        let secs = time_median(|| {
+            std::hint::black_box(sum_lanes(std::hint::black_box(&buf)));
+            Ok(())
+        })?;
+        read.push((bytes, bytes as f64 / secs / 1e9));
+    }
+    Ok(MachineReport {
+        threads: crate::engine::num_threads(),
+        gemm,
+        read,
+        load: (load_before, load_average()),
+    })
+}
+
+impl fmt::Display for MachineReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "machine: f32 GEMM x[m,k] @ w[k,n] through candle, threads={}; median of 5",
+            self.threads
+        )?;
+        writeln!(f, "| k × n | m (rows) | GFLOP/s |")?;
+        writeln!(f, "|---|---|---|")?;
+        for &(m, k, n, g) in &self.gemm {
+            writeln!(f, "| {k} × {n} | {m} | {g:.1} |")?;
+        }
+        writeln!(f, "single-thread read bandwidth (sum of an f32 buffer):")?;
+        writeln!(f, "| buffer | GB/s |")?;
+        writeln!(f, "|---|---|")?;
+        for &(b, g) in &self.read {
+            writeln!(f, "| {:.1} MiB | {g:.1} |", b as f64 / (1 << 20) as f64)?;
         }
         writeln!(f, "{}", crate::bench::load_line(self.load))
     }

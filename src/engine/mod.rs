@@ -14,4 +14,6 @@ pub mod forward;
 
 pub use batch::{Engine, EngineOptions, EngineStats, Finish, Finished, RequestId};
 pub use cache::{LayerKv, SeqKv};
-pub use forward::{num_threads, pin_thread_count, CachedModel, StepOptions, StepOutput};
+pub use forward::{
+    num_threads, pin_thread_count, CachedModel, Flight, PipelineOutput, StepOptions, StepOutput,
+};
