@@ -57,6 +57,27 @@ enum Command {
     Export(ExportArgs),
     /// Up-train a pretrained vanilla model (GGUF or checkpoint) into a recursive / MoR model, then train it.
     Uptrain(UptrainArgs),
+    /// Overlay one metric of several runs in a PNG and print it as a markdown table (e.g. held-out loss).
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Run directories (with metrics.jsonl), each optionally labelled as `DIR=LABEL`.
+    #[arg(required = true)]
+    runs: Vec<String>,
+    /// Metric to plot: a key of metrics.jsonl (val_loss, val_loss_causal, loss, ...).
+    #[arg(long, default_value = "val_loss")]
+    metric: String,
+    /// x axis: step or tokens.
+    #[arg(long, default_value = "step")]
+    x: String,
+    /// Chart title (default: the metric).
+    #[arg(long)]
+    title: Option<String>,
+    /// Output PNG.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -160,11 +181,15 @@ struct PrepareArgs {
 #[derive(Args, Clone)]
 struct TrainArgs {
     /// Model config.json (mor / HF / official layout).
-    #[arg(long, conflicts_with = "preset")]
+    #[arg(long, conflicts_with_all = ["preset", "init_from"])]
     config: Option<PathBuf>,
     /// Model preset name (see `mor flops --list`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init_from")]
     preset: Option<String>,
+    /// Start from a pretrained model (a .gguf file, a checkpoint or a run directory): its config and weights
+    /// (continued training, e.g. the vanilla baseline of an up-training comparison).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Prepared corpus directory (from `mor prepare`).
     #[arg(long)]
     data: PathBuf,
@@ -180,7 +205,7 @@ struct TrainArgs {
     /// Derive the step count from a training-FLOPs budget (3 × forward FLOPs per token × tokens).
     #[arg(long, conflicts_with = "steps")]
     flops_budget: Option<f64>,
-    /// Tokens per sequence (default: the model's context).
+    /// Tokens per sequence (default: the model's context, at most 2048).
     #[arg(long)]
     seq_len: Option<usize>,
     /// Sequences per micro-batch.
@@ -376,8 +401,14 @@ fn model_config(config: &Option<PathBuf>, preset: &Option<String>) -> Result<Mod
     }
 }
 
+/// Longest default training sequence when `--seq-len` is not given.
+const DEFAULT_MAX_SEQ_LEN: usize = 2048;
+
 fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
-    let seq_len = a.seq_len.unwrap_or(cfg.max_position_embeddings);
+    // Pretrained contexts can be long (8192 for SmolLM2); train on at most 2048 unless asked.
+    let seq_len = a
+        .seq_len
+        .unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_SEQ_LEN));
     let steps = match a.flops_budget {
         Some(budget) => {
             let tokens_per_step = seq_len * a.batch_size * a.grad_accum;
@@ -447,8 +478,10 @@ fn load_pretrained(path: &Path) -> Result<(MorModel, Option<Tokenizer>)> {
 }
 
 fn run_uptrain(a: &UptrainArgs) -> Result<()> {
-    if a.train.config.is_some() || a.train.preset.is_some() {
-        bail!("uptrain derives the model from --from; do not give --config or --preset");
+    if a.train.config.is_some() || a.train.preset.is_some() || a.train.init_from.is_some() {
+        bail!(
+            "uptrain derives the model from --from; do not give --config, --preset or --init-from"
+        );
     }
     if a.train.resume {
         run_train(&a.train)?;
@@ -485,16 +518,70 @@ fn run_uptrain(a: &UptrainArgs) -> Result<()> {
         println!("wrote {}", dir.display());
         return Ok(());
     }
-    let mut args = a.train.clone();
-    // Pretrained contexts can be long (8192 for SmolLM2); train on at most 2048 unless asked.
-    args.seq_len = Some(
-        args.seq_len
-            .unwrap_or(target.max_position_embeddings.min(2048)),
-    );
-    let train = train_config(&args, &target)?;
-    let trainer = Trainer::new(model, train, &args.data, &args.out)?;
-    finish_training(trainer, &args)?;
+    let train = train_config(&a.train, &target)?;
+    let trainer = Trainer::new(model, train, &a.train.data, &a.train.out)?;
+    finish_training(trainer, &a.train)?;
     Ok(())
+}
+
+/// Draw `mor plot` and return its markdown table: one row per x value, one column per run.
+fn run_plot(a: &PlotArgs) -> Result<String> {
+    let mut series = Vec::new();
+    for spec in &a.runs {
+        let (dir, label) = match spec.split_once('=') {
+            Some((d, l)) => (PathBuf::from(d), l.to_string()),
+            None => (PathBuf::from(spec), spec.clone()),
+        };
+        let path = dir.join(mor::train::trainer::METRICS_FILE);
+        let records = mor::metrics::read_metrics(&path)
+            .with_context(|| format!("reading the metrics of run {}", dir.display()))?;
+        let points = mor::metrics::metric_points(&records, &a.x, &a.metric);
+        if points.is_empty() {
+            bail!(
+                "{} has no record with both {:?} and {:?}",
+                path.display(),
+                a.x,
+                a.metric
+            );
+        }
+        series.push(mor::plot::Series {
+            name: label,
+            points,
+        });
+    }
+    let title = a
+        .title
+        .clone()
+        .unwrap_or_else(|| a.metric.replace('_', " "));
+    mor::plot::plot_curves(&a.out, &title, &a.x, &a.metric, &series)?;
+    let mut xs: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    let mut table = format!(
+        "| {} | {} |\n|---|{}\n",
+        a.x,
+        series
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(series.len())
+    );
+    for x in xs {
+        let cells: Vec<String> = series
+            .iter()
+            .map(|s| match s.points.iter().rev().find(|p| p.0 == x) {
+                Some(p) => format!("{:.4}", p.1),
+                None => String::new(),
+            })
+            .collect();
+        table += &format!("| {x} | {} |\n", cells.join(" | "));
+    }
+    table += &format!("\nplot: {}\n", a.out.display());
+    Ok(table)
 }
 
 fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
@@ -505,12 +592,18 @@ fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
             Some(a.steps).filter(|_| a.flops_budget.is_none()),
         )?
     } else {
-        let cfg = model_config(&a.config, &a.preset)?;
-        if let Some(w) = cfg.layout_warning() {
-            tracing::warn!("{w}");
-        }
+        let model = match &a.init_from {
+            Some(path) => load_pretrained(path)?.0,
+            None => {
+                let cfg = model_config(&a.config, &a.preset)?;
+                if let Some(w) = cfg.layout_warning() {
+                    tracing::warn!("{w}");
+                }
+                MorModel::new(&cfg, &candle_core::Device::Cpu, a.seed)?
+            }
+        };
+        let cfg = model.config().clone();
         let train = train_config(a, &cfg)?;
-        let model = MorModel::new(&cfg, &candle_core::Device::Cpu, a.seed)?;
         println!(
             "training {} ({:.2}M parameters) for {} steps of {} tokens",
             cfg.variant_name(),
@@ -561,7 +654,8 @@ fn resolve_checkpoint(path: &Path) -> PathBuf {
 fn open_checkpoint(path: &Path, tokenizer: &Option<PathBuf>) -> Result<(MorModel, PathBuf)> {
     let dir = resolve_checkpoint(path);
     let model = load_model(&dir, &candle_core::Device::Cpu)
-        .with_context(|| format!("loading {}", dir.display()))?;
+        .with_context(|| format!("loading {}", dir.display()))?
+        .frozen()?;
     let tok = tokenizer
         .clone()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
@@ -633,6 +727,7 @@ fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
     let args = TrainArgs {
         config: None,
         preset: Some(a.preset.clone()),
+        init_from: None,
         data: data_dir.clone(),
         out: run_dir.clone(),
         resume: mor::checkpoint::latest(&run_dir).is_some(),
@@ -764,6 +859,7 @@ fn main() -> Result<()> {
             println!("wrote {}", a.out.display());
         }
         Command::Uptrain(a) => run_uptrain(&a)?,
+        Command::Plot(a) => print!("{}", run_plot(&a)?),
         Command::Flops(a) => {
             if a.list {
                 for p in mor::presets::preset_names() {

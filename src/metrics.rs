@@ -97,6 +97,15 @@ pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
     parse_lines(path, &text)
 }
 
+/// The `(x, y)` points of metric `y_key` against `x_key` (e.g. "step") over `records`, skipping records that lack
+/// either as a number.
+pub fn metric_points(records: &[serde_json::Value], x_key: &str, y_key: &str) -> Vec<(f64, f64)> {
+    records
+        .iter()
+        .filter_map(|r| Some((r.get(x_key)?.as_f64()?, r.get(y_key)?.as_f64()?)))
+        .collect()
+}
+
 /// Drop records whose `"step"` is greater than `step` (used when resuming from a checkpoint, so
 /// the log does not contain steps that will be redone), plus any partial last line. Records
 /// without a numeric `step` are kept. The file is rewritten atomically; a missing file is a

@@ -131,6 +131,62 @@ fn train_resume_generate_round_trip() {
     ]);
     assert_eq!(o.stdout, again.stdout);
 
+    // Continued training of the trained model (the vanilla baseline of an up-training comparison), then one plot
+    // of both runs' held-out loss.
+    let cont = tmp.path().join("cont");
+    let o = mor(&[
+        "train",
+        "--init-from",
+        s(&run),
+        "--data",
+        s(&data),
+        "--out",
+        s(&cont),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-sequences",
+        "2",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let png = tmp.path().join("cmp.png");
+    let o = mor(&[
+        "plot",
+        &format!("{}=scratch", s(&run)),
+        &format!("{}=continued", s(&cont)),
+        "--out",
+        s(&png),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let table = text(&o);
+    assert!(table.contains("| step | scratch | continued |"), "{table}");
+    // Step 0 of the continued run is the trained model's held-out loss, which the scratch run recorded at step 5.
+    let row = |step: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {step} |")))
+            .unwrap_or_else(|| panic!("no row {step} in {table}"));
+        line.split('|').map(|c| c.trim().to_string()).collect()
+    };
+    assert_eq!(row("0")[3], row("5")[2], "{table}");
+    assert!(png.exists());
+    fails_with(
+        &[
+            "plot",
+            s(&run),
+            "--metric",
+            "no_such_metric",
+            "--out",
+            s(&png),
+        ],
+        "no_such_metric",
+    );
     // Bad requests.
     let long = "word ".repeat(200);
     fails_with(

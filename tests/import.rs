@@ -409,3 +409,44 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     println!("greedy: The capital of France is{}", g.text);
     assert!(g.text.contains("Paris"), "{:?}", g.text);
 }
+
+#[test]
+fn real_smollm2_quantized_weights_are_the_stored_blocks_in_hf_row_order() {
+    let Some(path) = real_file() else { return };
+    let mut f = GgufFile::open(&path).unwrap();
+    let cfg = f.config().unwrap();
+    let q = f.quantized_weights(&cfg).unwrap();
+    assert_eq!(q.layers.len(), 30);
+    let dense = f.params(&cfg, &Device::Cpu).unwrap();
+    let get = |n: &str| dense.get(n).unwrap().as_tensor().clone();
+    let deq = |t: &QTensor| t.dequantize(&Device::Cpu).unwrap();
+    for l in [0, 17, 29] {
+        let p = |n: &str| get(&format!("model.layers.{l}.{n}.weight"));
+        let layer = &q.layers[l];
+        let qkv = Tensor::cat(
+            &[
+                p("self_attn.q_proj"),
+                p("self_attn.k_proj"),
+                p("self_attn.v_proj"),
+            ],
+            0,
+        )
+        .unwrap();
+        // Moving whole quantized rows is exact: dequantizing afterwards gives the dense import bit for bit.
+        assert_eq!(max_abs_diff(&deq(&layer.qkv), &qkv), 0.0, "layer {l} qkv");
+        assert_eq!(max_abs_diff(&deq(&layer.q), &p("self_attn.q_proj")), 0.0);
+        assert_eq!(max_abs_diff(&deq(&layer.o), &p("self_attn.o_proj")), 0.0);
+        let gu = Tensor::cat(&[p("mlp.gate_proj"), p("mlp.up_proj")], 0).unwrap();
+        assert_eq!(max_abs_diff(&deq(&layer.gate_up), &gu), 0.0);
+        assert_eq!(max_abs_diff(&deq(&layer.down), &p("mlp.down_proj")), 0.0);
+        assert_ne!(
+            layer.qkv.dtype(),
+            GgmlDType::F32,
+            "the point is to stay quantized"
+        );
+    }
+    assert_eq!(
+        max_abs_diff(&deq(&q.head), &get("model.embed_tokens.weight")),
+        0.0
+    );
+}

@@ -66,7 +66,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
     read_metrics(&run.join(METRICS_FILE))
         .unwrap()
         .iter()
-        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("loss")?.as_f64()?)))
         .collect()
 }
 
@@ -84,6 +84,11 @@ fn mor_learns_and_resume_is_exact() {
     assert_eq!(summary.steps, 12);
     let curve = losses(&full);
     assert_eq!(curve.len(), 12);
+    // The starting point is recorded as step 0, held-out only.
+    let first = &read_metrics(&full.join(METRICS_FILE)).unwrap()[0];
+    assert_eq!(first["step"].as_u64(), Some(0));
+    assert!(first["val_loss"].as_f64().unwrap() > summary.val_loss.unwrap());
+    assert!(first.get("loss").is_none());
     assert!(
         curve.last().unwrap().1 < curve[0].1 - 0.5,
         "loss should fall: {curve:?}"
@@ -157,7 +162,8 @@ fn token_choice_loss_free_trains_and_updates_its_bias() {
         .unwrap();
     assert!(bias.iter().any(|&b| b != 0.0), "bias never moved: {bias:?}");
     let recs = read_metrics(&run.join(METRICS_FILE)).unwrap();
-    assert!(recs[0].get("max_vio").is_some());
+    let first_step = recs.iter().find(|r| r.get("loss").is_some()).unwrap();
+    assert!(first_step.get("max_vio").is_some());
 }
 
 #[test]
@@ -200,4 +206,35 @@ fn bad_inputs_give_clear_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn frozen_model_matches_and_builds_no_graph() {
+    use candle_core::{Device, Tensor};
+    use mor::model::ForwardOptions;
+    let cfg = tiny(r#","mor":{"routing":{"expert":{}}}"#);
+    let model = MorModel::new(&cfg, &Device::Cpu, 5).unwrap();
+    let frozen = model.frozen().unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 7 % 320) as u32).collect();
+    let x = Tensor::from_vec(ids, (1, 24), &Device::Cpu).unwrap();
+    let a = model.forward(&x, &ForwardOptions::eval()).unwrap().logits;
+    let b = frozen.forward(&x, &ForwardOptions::eval()).unwrap().logits;
+    // The trainable model records the graph (every intermediate stays alive); the frozen one does not.
+    assert!(a.track_op());
+    assert!(!b.track_op());
+    let max_diff = |x: &Tensor, y: &Tensor| -> f32 {
+        (x - y)
+            .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    };
+    assert_eq!(max_diff(&a, &b), 0.0);
+    // Same storage: an optimizer update of the trainable model shows through.
+    let name = "model.embed_tokens.weight";
+    let w = model.params().get(name).unwrap();
+    model
+        .params()
+        .set(name, &w.as_tensor().ones_like().unwrap())
+        .unwrap();
+    let after = frozen.forward(&x, &ForwardOptions::eval()).unwrap().logits;
+    assert!(max_diff(&after, &b) > 0.0);
 }

@@ -141,7 +141,8 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     } else {
         crate::checkpoint::latest(&a.checkpoint).unwrap_or_else(|| a.checkpoint.clone())
     };
-    let model = load_model(&dir, &Device::Cpu)?;
+    // Evaluation never trains: a frozen model keeps no autograd graph alive (gigabytes at 2048-token windows).
+    let model = load_model(&dir, &Device::Cpu)?.frozen()?;
     let tok_path = a
         .tokenizer
         .clone()

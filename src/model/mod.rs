@@ -161,6 +161,12 @@ impl MorModel {
         Ok(model.with_params(store))
     }
 
+    /// This model for inference only: same weights (shared storage), no autograd graph, so a forward pass keeps
+    /// only the tensors it still needs (see [`ParamStore::frozen`]). Used by evaluation and generation.
+    pub fn frozen(&self) -> Result<Self> {
+        Self::from_params(&self.cfg, self.params.frozen())
+    }
+
     fn with_params(mut self, store: ParamStore) -> Self {
         self.params = store;
         self

@@ -27,6 +27,8 @@ pub struct ParamStore {
     device: Device,
     dtype: DType,
     rng: rand::rngs::StdRng,
+    /// Hand out detached tensors (no autograd tracking) to model builds; see [`ParamStore::frozen`].
+    frozen: bool,
 }
 
 impl ParamStore {
@@ -43,6 +45,19 @@ impl ParamStore {
             requested: BTreeSet::new(),
             device: device.clone(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
+            frozen: false,
+        }
+    }
+
+    /// The same parameters (shared storage, so later updates show through) for inference: a model built on this
+    /// store computes without autograd tracking. With trainable variables every intermediate of a forward pass
+    /// stays referenced by the graph until the output is dropped, which for long windows and a 49K vocabulary runs
+    /// to gigabytes.
+    pub fn frozen(&self) -> ParamStore {
+        ParamStore {
+            frozen: true,
+            requested: BTreeSet::new(),
+            ..self.clone()
         }
     }
 
@@ -67,7 +82,11 @@ impl ParamStore {
                     v.dims()
                 )));
             }
-            return Ok(v.as_tensor().clone());
+            return Ok(if self.frozen {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            });
         }
         let n: usize = shape.iter().product();
         let data: Vec<f32> = match init {

@@ -17,7 +17,7 @@ use crate::checkpoint::io::{
 use crate::checkpoint::{load_model, save_model};
 use crate::data::{BatchSampler, CorpusInfo, PackedDataset, TokenFile};
 use crate::error::{MorError, Result};
-use crate::metrics::{read_metrics, truncate_after_step, MetricsWriter};
+use crate::metrics::{metric_points, read_metrics, truncate_after_step, MetricsWriter};
 use crate::model::expert_choice::{sampling_accuracy, RouteMode};
 use crate::model::token_choice::BIAS_NAME;
 use crate::model::{ForwardOptions, MorModel, RoutingTrace};
@@ -295,7 +295,7 @@ impl Trainer {
             return Ok(None);
         };
         heldout_loss(
-            &self.model,
+            &self.model.frozen()?,
             val,
             self.train.seq_len,
             self.train.eval_sequences,
@@ -324,10 +324,7 @@ impl Trainer {
         let records = read_metrics(self.metrics.path())?;
         let series_of = |key: &str| Series {
             name: key.replace('_', " "),
-            points: records
-                .iter()
-                .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
-                .collect(),
+            points: metric_points(&records, "step", key),
         };
         let mut series = vec![series_of("loss"), series_of("val_loss")];
         let causal = series_of("val_loss_causal");
@@ -339,6 +336,20 @@ impl Trainer {
             &format!("{} — loss", self.model.config().variant_name()),
             &series,
         )
+    }
+
+    /// Add the held-out loss (training-time routing, and the causal decode rule for expert-choice) to `rec`.
+    fn record_held_out(&mut self, rec: &mut serde_json::Value) -> Result<()> {
+        if let Some(v) = self.evaluate(RouteMode::TopK { step: None })? {
+            rec["val_loss"] = serde_json::json!(v);
+            self.state.last_val_loss = Some(v);
+        }
+        if self.model.config().expert_choice().is_some() {
+            if let Some(v) = self.evaluate(RouteMode::Causal)? {
+                rec["val_loss_causal"] = serde_json::json!(v);
+            }
+        }
+        Ok(())
     }
 
     /// One optimizer step over `grad_accum` micro-batches; returns its metrics record.
@@ -480,6 +491,12 @@ impl Trainer {
         let elapsed_before = self.state.elapsed_secs;
         let tokens_before = self.state.tokens;
         let mut last = None;
+        if self.state.step == 0 && until > 0 && self.train.eval_every > 0 {
+            // The untrained (or freshly up-trained) starting point, so curves of several runs can be compared.
+            let mut rec = serde_json::json!({ "step": 0, "tokens": 0 });
+            self.record_held_out(&mut rec)?;
+            self.metrics.write(&rec)?;
+        }
         while self.state.step < until {
             let t0 = Instant::now();
             let mut rec = self.train_step()?;
@@ -490,15 +507,7 @@ impl Trainer {
             let eval_now = step == total_steps
                 || (self.train.eval_every > 0 && step.is_multiple_of(self.train.eval_every));
             if eval_now {
-                if let Some(v) = self.evaluate(RouteMode::TopK { step: None })? {
-                    rec["val_loss"] = serde_json::json!(v);
-                    self.state.last_val_loss = Some(v);
-                }
-                if self.model.config().expert_choice().is_some() {
-                    if let Some(v) = self.evaluate(RouteMode::Causal)? {
-                        rec["val_loss_causal"] = serde_json::json!(v);
-                    }
-                }
+                self.record_held_out(&mut rec)?;
             }
             if eval_now || step.is_multiple_of(self.train.log_every) {
                 self.metrics.write(&rec)?;
