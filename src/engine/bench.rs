@@ -190,8 +190,9 @@ fn parse_variant(name: &str, o: &GenerateBenchOptions) -> Result<(String, usize,
     let (base, layers) = match head.split_once('@') {
         Some((b, l)) => (
             b,
-            l.parse::<usize>()
-                .map_err(|_| MorError::Config(format!("variant {name:?}: bad layer count {l:?}")))?,
+            l.parse::<usize>().map_err(|_| {
+                MorError::Config(format!("variant {name:?}: bad layer count {l:?}"))
+            })?,
         ),
         None => (head, o.layers),
     };
@@ -412,10 +413,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
         let reqs = workload(o, wl);
         for v in &variants {
             let b = batch_of(v);
-            let base = variants
-                .iter()
-                .position(|w| w.4 && w.3 == v.3)
-                .unwrap_or(0);
+            let base = variants.iter().position(|w| w.4 && w.3 == v.3).unwrap_or(0);
             baseline.push(first + base);
             plan.push((v.1, v.2, b, wl));
             rows.push(GenerateBenchRow {
@@ -546,7 +544,10 @@ impl fmt::Display for GenerateBenchReport {
             "| B | variant | slots | requests | tokens | median s | tokens/s | vs vanilla | tokens per depth (0..N_r) | \
              block rows/call | peak KV MiB | KV vs vanilla | peak heap MiB | max B |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            f,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         for (r, &bi) in self.rows.iter().zip(&self.baseline) {
             let b = &self.rows[bi];
@@ -635,7 +636,12 @@ fn sum_lanes(x: &[f32]) -> f32 {
 
 /// Measure GEMM GFLOP/s at the shapes of a layer of width `d` (FFN `3d`, the benchmark's GQA with half the heads
 /// as KV heads) and LM head of `vocab`, for each row count in `rows`, and single-thread read bandwidth.
-pub fn bench_machine(d: usize, heads: usize, vocab: usize, rows: &[usize]) -> Result<MachineReport> {
+pub fn bench_machine(
+    d: usize,
+    heads: usize,
+    vocab: usize,
+    rows: &[usize],
+) -> Result<MachineReport> {
     let load_before = load_average();
     let dev = Device::Cpu;
     let hd = d / heads.max(1);
