@@ -47,13 +47,24 @@ pub fn generate(
     params: &SamplingParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    let cached = match CachedModel::new(model) {
-        Ok(c) => c,
+    match CachedModel::new(model) {
+        Ok(cached) => generate_cached(&cached, tokenizer, prompt, params, on_text),
         Err(e) => {
             tracing::warn!("{e}; generating by full recompute");
-            return generate_reference(model, tokenizer, prompt, params, on_text);
+            generate_reference(model, tokenizer, prompt, params, on_text)
         }
-    };
+    }
+}
+
+/// [`generate`] on a prepared [`CachedModel`] (e.g. one running quantized weights).
+pub fn generate_cached(
+    cached: &CachedModel,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    params: &SamplingParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let model = cached.model();
     let mut cache = cached.new_cache();
     let opts = StepOptions::default();
     generate_with(model, tokenizer, prompt, params, on_text, &mut |context| {

@@ -260,9 +260,13 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json) or a run directory.
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json), a run directory, or a .gguf file.
     #[arg(long)]
     checkpoint: PathBuf,
+    /// With a .gguf checkpoint: run the matmuls on the stored quantized weights (candle's quantized matmul)
+    /// instead of dequantized f32.
+    #[arg(long)]
+    quantized: bool,
     /// tokenizer.json (default: the one in the checkpoint).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -664,8 +668,21 @@ fn open_checkpoint(path: &Path, tokenizer: &Option<PathBuf>) -> Result<(MorModel
 }
 
 fn run_generate(a: &GenerateArgs) -> Result<String> {
-    let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
-    let tokenizer = Tokenizer::from_file(&tok_path)?;
+    let is_gguf = a.checkpoint.is_file();
+    if a.quantized && !is_gguf {
+        bail!("--quantized needs a .gguf file as --checkpoint");
+    }
+    let (model, tokenizer) = if is_gguf {
+        let (model, gguf_tok) = load_pretrained(&a.checkpoint)?;
+        let tok = match &a.tokenizer {
+            Some(p) => Tokenizer::from_file(p)?,
+            None => gguf_tok.context("the GGUF file has no tokenizer; give --tokenizer")?,
+        };
+        (model.frozen()?, tok)
+    } else {
+        let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
+        (model, Tokenizer::from_file(&tok_path)?)
+    };
     let s = &a.sampling;
     let params = mor::sampling::SamplingParams {
         temperature: s.temperature,
@@ -676,11 +693,19 @@ fn run_generate(a: &GenerateArgs) -> Result<String> {
         max_new_tokens: s.max_tokens,
         stop: s.stop.clone(),
     };
-    let out = mor::generate::generate(&model, &tokenizer, &a.prompt, &params, &mut |piece| {
+    let emit = &mut |piece: &str| {
         use std::io::Write;
         print!("{piece}");
         let _ = std::io::stdout().flush();
-    })?;
+    };
+    let out = if a.quantized {
+        let weights =
+            mor::gguf::GgufFile::open(&a.checkpoint)?.quantized_weights(model.config())?;
+        let cached = mor::engine::CachedModel::new(&model)?.with_quantized(weights)?;
+        mor::generate::generate_cached(&cached, &tokenizer, &a.prompt, &params, emit)?
+    } else {
+        mor::generate::generate(&model, &tokenizer, &a.prompt, &params, emit)?
+    };
     println!();
     Ok(out.text)
 }
@@ -760,6 +785,7 @@ fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
     println!("\nsample (prompt {:?}):", a.prompt);
     run_generate(&GenerateArgs {
         checkpoint: summary.checkpoint.clone(),
+        quantized: false,
         tokenizer: Some(tok_path),
         prompt: a.prompt.clone(),
         sampling: SamplingArgs {

@@ -10,7 +10,8 @@
 //! Routing follows [`ForwardOptions::causal`](crate::model::ForwardOptions::causal) exactly (spec §10.4): each token
 //! is routed from its own hidden state only, so the cached result equals the full-sequence causal forward.
 
-use candle_core::{DType, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{DecodeRule, Gating};
 use crate::engine::cache::{LayerKv, SeqKv};
@@ -23,18 +24,28 @@ use crate::model::{MorModel, Routing};
 #[derive(Debug, Clone)]
 struct FusedLayer {
     /// [d, (H + 2·kv)·hd]: queries, keys, values.
-    qkv: Tensor,
+    qkv: Weight,
     /// [d, H·hd]: queries only (layers that read a shared cache).
-    q: Tensor,
+    q: Weight,
     /// [H·hd, d].
-    o: Tensor,
+    o: Weight,
     /// [d, 2f]: gate then up.
-    gate_up: Tensor,
+    gate_up: Weight,
     /// [f, d].
-    down: Tensor,
+    down: Weight,
     /// Input and post-attention norm scales [d].
     norm_in: Vec<f32>,
     norm_post: Vec<f32>,
+}
+
+/// A matmul weight of the engine.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// f32, pre-transposed to [in, out].
+    Dense(Tensor),
+    /// A GGUF tensor in its stored format, [out, in], multiplied by candle's quantized matmul (the activations are
+    /// quantized to the matching 8-bit format, as llama.cpp does).
+    Quantized(QMatMul),
 }
 
 /// Options of [`CachedModel::step`].
@@ -74,6 +85,8 @@ pub struct CachedModel<'m> {
     /// RoPE tables [max_pos, hd] (the model's, in f32).
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The LM head as a quantized matmul ([`CachedModel::with_quantized`]); `None`: the model's own head.
+    quantized_head: Option<QMatMul>,
 }
 
 /// The new tokens of one step, flattened.
@@ -187,11 +200,11 @@ impl<'m> CachedModel<'m> {
                 };
                 let (n_in, n_post) = layer.norms();
                 let f = FusedLayer {
-                    qkv: prep(Tensor::cat(&[q, k, v], 0)?)?,
-                    q: prep(q.clone())?,
-                    o: prep(o.clone())?,
-                    gate_up: prep(Tensor::cat(&[g, u], 0)?)?,
-                    down: prep(dn.clone())?,
+                    qkv: Weight::Dense(prep(Tensor::cat(&[q, k, v], 0)?)?),
+                    q: Weight::Dense(prep(q.clone())?),
+                    o: Weight::Dense(prep(o.clone())?),
+                    gate_up: Weight::Dense(prep(Tensor::cat(&[g, u], 0)?)?),
+                    down: Weight::Dense(prep(dn.clone())?),
                     norm_in: to_f32_vec(n_in.parts().0)?,
                     norm_post: to_f32_vec(n_post.parts().0)?,
                 };
@@ -216,7 +229,64 @@ impl<'m> CachedModel<'m> {
             eps,
             cos: to_f32_vec(&cos)?,
             sin: to_f32_vec(&sin)?,
+            quantized_head: None,
         })
+    }
+
+    /// Run every matmul (layers and LM head) on `weights` as stored in a GGUF file (e.g. Q4_1), with candle's
+    /// quantized matmul instead of the dense f32 weights; embedding lookup, norms, RoPE and attention stay f32.
+    /// Only for the vanilla model the weights were read from (checked by count and shape).
+    pub fn with_quantized(mut self, weights: crate::gguf::QuantizedWeights) -> Result<Self> {
+        let cfg = self.model.config();
+        if cfg.recursion.is_some() || cfg.mor.is_some() {
+            return Err(MorError::Config(
+                "quantized inference runs vanilla GGUF models only".into(),
+            ));
+        }
+        if weights.layers.len() != self.fused.len() {
+            return Err(MorError::Config(format!(
+                "{} quantized layers for a model with {}",
+                weights.layers.len(),
+                self.fused.len()
+            )));
+        }
+        let qmm = |t: candle_core::quantized::QTensor, dense: &Weight| -> Result<Weight> {
+            // Dense weights are [in, out]; quantized ones [out, in].
+            if let Weight::Dense(w) = dense {
+                if t.shape().dims() != [w.dim(1)?, w.dim(0)?] {
+                    return Err(MorError::Config(format!(
+                        "quantized weight of shape {:?} for a dense one of shape {:?}",
+                        t.shape().dims(),
+                        w.dims()
+                    )));
+                }
+            }
+            Ok(Weight::Quantized(QMatMul::from_qtensor(t)?))
+        };
+        for (f, q) in self.fused.iter_mut().zip(weights.layers) {
+            f.qkv = qmm(q.qkv, &f.qkv)?;
+            f.q = qmm(q.q, &f.q)?;
+            f.o = qmm(q.o, &f.o)?;
+            f.gate_up = qmm(q.gate_up, &f.gate_up)?;
+            f.down = qmm(q.down, &f.down)?;
+        }
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        if weights.head.shape().dims() != [v, d] {
+            return Err(MorError::Config(format!(
+                "quantized LM head of shape {:?}, expected [{v}, {d}]",
+                weights.head.shape().dims()
+            )));
+        }
+        self.quantized_head = Some(QMatMul::from_qtensor(weights.head)?);
+        Ok(self)
+    }
+
+    /// Final norm and LM head.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.quantized_head {
+            Some(q) => Ok(q.forward(&self.model.final_norm(x)?.to_dtype(DType::F32)?)?),
+            None => self.model.head(x),
+        }
     }
 
     /// The underlying model.
@@ -407,7 +477,7 @@ impl<'m> CachedModel<'m> {
             }
             x.index_select(&index_tensor(&last, dev)?, 0)?
         };
-        let logits = self.model.head(&x)?;
+        let logits = self.head(&x)?;
         for (c, t) in rows.caches.iter_mut().zip(tokens) {
             c.seq_len += t.len();
         }
@@ -641,7 +711,7 @@ impl<'m> CachedModel<'m> {
             xv = self.layer_rows(layout.source[l], &xv, &refs, caches)?;
         }
         let x = Tensor::from_vec(xv, (exited.len(), d), dev)?.to_dtype(dtype)?;
-        out.logits = self.model.head(&x)?.to_dtype(DType::F32)?.to_vec2()?;
+        out.logits = self.head(&x)?.to_dtype(DType::F32)?.to_vec2()?;
         for &i in &exited {
             caches[i].seq_len += 1;
             out.depths.push(flights[i].done.unwrap_or(0));
@@ -818,11 +888,14 @@ fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// `x @ w` for rows x [n, k] (owned, moved into the tensor) and a pre-transposed [k, m] weight, as a flat Vec.
-fn matmul_rows(x: Vec<f32>, n: usize, w: &Tensor) -> Result<Vec<f32>> {
+/// `x @ w` for rows x [n, k] (owned, moved into the tensor) and a [k, m] weight, as a flat Vec.
+fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>> {
     let k = x.len() / n.max(1);
-    let t = Tensor::from_vec(x, (n, k), w.device())?;
-    Ok(t.matmul(w)?.flatten_all()?.to_vec1()?)
+    let y = match w {
+        Weight::Dense(w) => Tensor::from_vec(x, (n, k), w.device())?.matmul(w)?,
+        Weight::Quantized(q) => q.forward(&Tensor::from_vec(x, (n, k), &Device::Cpu)?)?,
+    };
+    Ok(y.flatten_all()?.to_vec1()?)
 }
 
 /// Rotate one head vector in place with the cos/sin rows of its position.

@@ -259,7 +259,12 @@ impl MorModel {
     /// Final norm and LM head: h [.., d] → logits [.., V].
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        layers::linear(&self.norm.forward(h)?, w)
+        layers::linear(&self.final_norm(h)?, w)
+    }
+
+    /// The final RMSNorm applied before the LM head.
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        self.norm.forward(h)
     }
 
     /// The unrolled layer whose K/V recursion-depth layer `idx` reads under recursive KV sharing (spec §3,
