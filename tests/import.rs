@@ -17,6 +17,10 @@ use mor::ModelConfig;
 
 const REAL: &str = "assets/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Serialises the tests that run candle's quantized matmuls: `CANDLE_DEQUANTIZE_ALL`, which the reference toggles,
+/// is process-wide and also read when a `QMatMul` is built, so concurrent tests would see each other's setting.
+static QUANTIZED_ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn real_file() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL);
     if p.exists() {
@@ -127,6 +131,7 @@ fn reference_logits(path: &Path, ids: &[u32], dequantize: bool) -> Tensor {
 
 #[test]
 fn export_import_round_trip_is_exact_and_matches_an_independent_llama() {
+    let _env = QUANTIZED_ENV.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let tok = tiny_tokenizer();
     for tied in [true, false] {
@@ -317,6 +322,7 @@ fn mean_nll(m: &MorModel, ids: &[u32]) -> f64 {
 
 #[test]
 fn real_smollm2_matches_candle_transformers_and_reads_english() {
+    let _env = QUANTIZED_ENV.lock().unwrap_or_else(|e| e.into_inner());
     let Some(path) = real_file() else { return };
     let mut f = GgufFile::open(&path).unwrap();
     let cfg = f.config().unwrap();
@@ -455,6 +461,7 @@ fn real_smollm2_quantized_weights_are_the_stored_blocks_in_hf_row_order() {
 fn real_smollm2_runs_quantized_like_an_independent_quantized_llama() {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
+    let _env = QUANTIZED_ENV.lock().unwrap_or_else(|e| e.into_inner());
     let Some(path) = real_file() else { return };
     let mut f = GgufFile::open(&path).unwrap();
     let tok = f.tokenizer().unwrap();
