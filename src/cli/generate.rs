@@ -1,0 +1,97 @@
+//! `mor generate`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use mor::data::Tokenizer;
+
+use super::{load_pretrained, open_checkpoint};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json), a run directory, or a .gguf file.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// With a .gguf checkpoint: run the matmuls on the stored quantized weights (candle's quantized matmul)
+    /// instead of dequantized f32.
+    #[arg(long)]
+    pub quantized: bool,
+    /// tokenizer.json (default: the one in the checkpoint).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 100)]
+    pub max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Keep the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop sequences.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+pub fn run_generate(a: &GenerateArgs) -> Result<String> {
+    let is_gguf = a.checkpoint.is_file();
+    if a.quantized && !is_gguf {
+        bail!("--quantized needs a .gguf file as --checkpoint");
+    }
+    let (model, tokenizer) = if is_gguf {
+        let (model, gguf_tok) = load_pretrained(&a.checkpoint)?;
+        let tok = match &a.tokenizer {
+            Some(p) => Tokenizer::from_file(p)?,
+            None => gguf_tok.context("the GGUF file has no tokenizer; give --tokenizer")?,
+        };
+        (model.frozen()?, tok)
+    } else {
+        let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
+        (model, Tokenizer::from_file(&tok_path)?)
+    };
+    let s = &a.sampling;
+    let params = mor::sampling::SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+        max_new_tokens: s.max_tokens,
+        stop: s.stop.clone(),
+    };
+    let emit = &mut |piece: &str| {
+        use std::io::Write;
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+    };
+    let out = if a.quantized {
+        let weights =
+            mor::gguf::GgufFile::open(&a.checkpoint)?.quantized_weights(model.config())?;
+        let cached = mor::engine::CachedModel::new(&model)?.with_quantized(weights)?;
+        mor::generate::generate_cached(&cached, &tokenizer, &a.prompt, &params, emit)?
+    } else {
+        mor::generate::generate(&model, &tokenizer, &a.prompt, &params, emit)?
+    };
+    println!();
+    Ok(out.text)
+}
