@@ -147,7 +147,8 @@ fn generate_with(
     for _ in 0..max_new {
         let logits = next_logits(&context)?;
         let next = sampler.sample_tensor(&logits, &context)?;
-        if next == tokenizer.eos_id() {
+        // The model's own end token (e.g. SmolLM2-Instruct's <|im_end|>) or the tokenizer's document separator.
+        if Some(next) == model.config().eos_token_id || next == tokenizer.eos_id() {
             finish = FinishReason::Eos;
             break;
         }

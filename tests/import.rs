@@ -401,7 +401,7 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
 
     let params = mor::sampling::SamplingParams {
         temperature: 0.0,
-        max_new_tokens: 24,
+        max_new_tokens: 48,
         ..Default::default()
     };
     let g = mor::generate::generate(
@@ -414,6 +414,9 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     .unwrap();
     println!("greedy: The capital of France is{}", g.text);
     assert!(g.text.contains("Paris"), "{:?}", g.text);
+    // Generation ends at the model's own end token (<|im_end|>, id 2 in this file), not only at id 0.
+    assert_eq!(g.finish, mor::generate::FinishReason::Eos, "{:?}", g.text);
+    assert!(!g.text.contains("<|im_end|>"), "{:?}", g.text);
 }
 
 #[test]
