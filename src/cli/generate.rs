@@ -84,14 +84,26 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
         print!("{piece}");
         let _ = std::io::stdout().flush();
     };
-    let out = if a.quantized {
+    let cached = if a.quantized {
         let weights =
             mor::gguf::GgufFile::open(&a.checkpoint)?.quantized_weights(model.config())?;
-        let cached = mor::engine::CachedModel::new(&model)?.with_quantized(weights)?;
-        mor::generate::generate_cached(&cached, &tokenizer, &a.prompt, &params, emit)?
+        Some(mor::engine::CachedModel::new(&model)?.with_quantized(weights)?)
     } else {
-        mor::generate::generate(&model, &tokenizer, &a.prompt, &params, emit)?
+        None
     };
+    let start = std::time::Instant::now();
+    let out = match &cached {
+        Some(c) => mor::generate::generate_cached(c, &tokenizer, &a.prompt, &params, emit)?,
+        None => mor::generate::generate(&model, &tokenizer, &a.prompt, &params, emit)?,
+    };
+    let secs = start.elapsed().as_secs_f64();
     println!();
+    tracing::info!(
+        prompt_tokens = out.prompt_tokens.len(),
+        new_tokens = out.tokens.len(),
+        seconds = format!("{secs:.3}"),
+        tokens_per_sec = format!("{:.1}", out.tokens.len() as f64 / secs.max(1e-9)),
+        "generated (prefill + decode, model loading excluded)"
+    );
     Ok(out.text)
 }

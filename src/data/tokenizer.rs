@@ -22,6 +22,9 @@ const EOS_FALLBACKS: [&str; 3] = ["</s>", "<eos>", "<|end_of_text|>"];
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos_id: u32,
+    /// Cached: `tokenizers` answers `get_vocab_size(true)` by building the whole vocabulary map (a 49K-entry
+    /// clone for SmolLM2), which made decoding quadratic in the text length.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -68,7 +71,12 @@ impl Tokenizer {
                     EOS_FALLBACKS.join(", ")
                 ))
             })?;
-        Ok(Self { inner, eos_id })
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Self {
+            inner,
+            eos_id,
+            vocab_size,
+        })
     }
 
     /// Train a GPT-2 style byte-level BPE tokenizer on `files`.
@@ -195,7 +203,7 @@ impl Tokenizer {
 
     /// Text of `ids`; special tokens (EOS) are kept so document boundaries stay visible.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size()) {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
             return Err(MorError::Data(format!(
                 "cannot decode token id {bad}: vocabulary has {} tokens",
                 self.vocab_size()
@@ -208,7 +216,7 @@ impl Tokenizer {
 
     /// Number of token ids, including added/special tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// Id of the end-of-sequence token (also used as padding).
