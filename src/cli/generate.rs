@@ -53,6 +53,7 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
 }
 
+/// Generate from a checkpoint or GGUF file, streaming the text to stdout; returns the generated text.
 pub fn run_generate(a: &GenerateArgs) -> Result<String> {
     let is_gguf = a.checkpoint.is_file();
     if a.quantized && !is_gguf {

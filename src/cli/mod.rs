@@ -18,6 +18,7 @@ use mor::config::ModelConfig;
 use mor::data::Tokenizer;
 use mor::model::MorModel;
 
+/// The model config of `--config FILE` or `--preset NAME`.
 pub fn model_config(config: &Option<PathBuf>, preset: &Option<String>) -> Result<ModelConfig> {
     match (config, preset) {
         (Some(p), _) => Ok(mor::checkpoint::load_config(p)?),

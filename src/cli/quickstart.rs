@@ -26,6 +26,7 @@ pub struct QuickstartArgs {
     pub prompt: String,
 }
 
+/// Tokenizer, corpus, training and a sample on the bundled Shakespeare corpus; resumes an interrupted run.
 pub fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/shakespeare.jsonl.gz");
     let corpus = if corpus.exists() {

@@ -1,5 +1,7 @@
 //! `mor train` and `mor uptrain`.
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
 use clap::Args;
 
@@ -9,8 +11,8 @@ use mor::train::trainer::{TrainConfig, Trainer};
 use mor::train::{AdamWConfig, LrSchedule};
 
 use super::{load_pretrained, model_config, parse_enum};
-use std::path::PathBuf;
 
+/// Flags of `mor train` (also the training part of `mor uptrain`).
 #[derive(Args, Clone)]
 pub struct TrainArgs {
     /// Model config.json (mor / HF / official layout).
@@ -118,6 +120,7 @@ pub struct UptrainArgs {
 /// Longest default training sequence when `--seq-len` is not given.
 pub const DEFAULT_MAX_SEQ_LEN: usize = 2048;
 
+/// The trainer settings of the flags, for `cfg` (steps from `--flops-budget` when given).
 pub fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
     // Pretrained contexts can be long (8192 for SmolLM2); train on at most 2048 unless asked.
     let seq_len = a
@@ -168,6 +171,7 @@ pub fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
     })
 }
 
+/// Build a recursive / MoR model from a pretrained vanilla one and train it (or only write it, `--init-only`).
 pub fn run_uptrain(a: &UptrainArgs) -> Result<()> {
     if a.train.config.is_some() || a.train.preset.is_some() || a.train.init_from.is_some() {
         bail!(
@@ -215,6 +219,7 @@ pub fn run_uptrain(a: &UptrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Train a new model, continue a pretrained one (`--init-from`) or resume a run (`--resume`).
 pub fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
     let trainer = if a.resume {
         Trainer::resume(
@@ -247,6 +252,7 @@ pub fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
     finish_training(trainer, a)
 }
 
+/// Run the trainer to its last step and print the summary.
 pub fn finish_training(
     mut trainer: Trainer,
     a: &TrainArgs,
