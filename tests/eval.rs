@@ -483,8 +483,16 @@ fn model_scorer_matches_unbatched_forward() {
     ];
     for routing in ["", EXPERT, TOKEN] {
         let model = MorModel::new(&tiny(routing, 64), &Device::Cpu, 3).unwrap();
-        for opts in [ForwardOptions::eval(), ForwardOptions::causal()] {
+        for (opts, reuse) in [
+            (ForwardOptions::eval(), false),
+            (ForwardOptions::causal(), false),
+            (ForwardOptions::eval(), true),
+            (ForwardOptions::causal(), true),
+        ] {
             let mut s = ModelScorer::new(&model, opts, tok.eos_id());
+            if reuse {
+                s = s.with_prefix_reuse().unwrap();
+            }
             let got = s.score(&reqs).unwrap();
             for (g, r) in got.iter().zip(&reqs) {
                 let (lp, greedy) = reference_loglik(&model, r, &opts);
@@ -520,6 +528,82 @@ fn model_scorer_truncates_long_contexts_from_the_left() {
         continuation: vec![2; 17],
     };
     assert!(s.score(&[too_long]).is_err());
+}
+
+/// Every example (up to `limit` per task, zero- and one-shot) of the committed samples, scored by `a` and `b`:
+/// returns the largest |Δ log-likelihood| and asserts identical tokens and predictions.
+fn compare_scorers(a: &mut ModelScorer, b: &mut ModelScorer, limit: usize, label: &str) -> f64 {
+    let tok = tokenizer();
+    let mut worst = 0.0f64;
+    for task in ALL_TASKS {
+        let data = load(task);
+        for shots in [0, 1] {
+            for i in 0..limit.min(data.docs.len()) {
+                let ex = build_example(&data, i, shots, 7);
+                let ra = score_example(a, &tok, &ex).unwrap();
+                let rb = score_example(b, &tok, &ex).unwrap();
+                assert_eq!(ra.continuation_tokens, rb.continuation_tokens);
+                for (x, y) in ra.logprobs.iter().zip(&rb.logprobs) {
+                    worst = worst.max((x - y).abs());
+                }
+                let what = format!("{label} {} {shots}-shot example {i}", task.name());
+                assert_eq!(
+                    ra.correct, rb.correct,
+                    "{what}: {:?} vs {:?}",
+                    ra.logprobs, rb.logprobs
+                );
+                assert_eq!(ra.correct_norm, rb.correct_norm, "{what}");
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn shared_prefix_reuse_matches_the_full_sequence_path() {
+    // Context 256 makes the few-shot prompts of the 300-token BPE longer than the context, so left truncation is
+    // exercised on both paths too.
+    for (routing, opts, label) in [
+        ("", ForwardOptions::eval(), "vanilla"),
+        (TOKEN, ForwardOptions::eval(), "token-choice"),
+        (EXPERT, ForwardOptions::causal(), "expert-choice causal"),
+    ] {
+        let model = MorModel::new(&tiny(routing, 256), &Device::Cpu, 5).unwrap();
+        let eos = tokenizer().eos_id();
+        let mut full = ModelScorer::new(&model, opts, eos);
+        let mut reuse = ModelScorer::new(&model, opts, eos)
+            .with_prefix_reuse()
+            .unwrap();
+        assert!(reuse.reuses_prefix() && !full.reuses_prefix(), "{label}");
+        let worst = compare_scorers(&mut full, &mut reuse, 3, label);
+        eprintln!(
+            "{label}: max |Δ loglik| {worst:.2e}, {} positions reused",
+            reuse.reused_tokens()
+        );
+        assert!(worst < 2e-5, "{label}: max |Δ loglik| {worst}");
+        // The prefix really was shared (every multiple-choice task has one), and never on the full path.
+        assert!(
+            reuse.reused_tokens() > 1000,
+            "{label}: {}",
+            reuse.reused_tokens()
+        );
+        assert_eq!(full.reused_tokens(), 0);
+    }
+}
+
+#[test]
+fn expert_choice_top_k_keeps_the_full_sequence_path() {
+    // The per-sequence top-k sees the whole sequence: a shared prefix's states depend on what follows, so asking
+    // for reuse must change nothing, bit for bit.
+    let model = MorModel::new(&tiny(EXPERT, 256), &Device::Cpu, 5).unwrap();
+    let eos = tokenizer().eos_id();
+    let mut full = ModelScorer::new(&model, ForwardOptions::eval(), eos);
+    let mut asked = ModelScorer::new(&model, ForwardOptions::eval(), eos)
+        .with_prefix_reuse()
+        .unwrap();
+    assert!(!asked.reuses_prefix());
+    assert_eq!(compare_scorers(&mut full, &mut asked, 2, "top-k"), 0.0);
+    assert_eq!(asked.reused_tokens(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -886,6 +970,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         data_dir: sample_dir(),
         quiet: true,
         dump_examples: Some(dump.clone()),
+        no_prefix_reuse: false,
     })
     .unwrap();
     // The dump has one line per example, task and routing rule, and its verdicts add up to the reported acc.
@@ -961,6 +1046,9 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("eval/tasks-1shot.json")).unwrap())
             .unwrap();
     assert_eq!(js["results"][1]["routing"], "causal");
+    // Reuse runs under the causal rule only: the top-k must see whole sequences.
+    assert_eq!(js["results"][0]["prefix_reuse"], false);
+    assert_eq!(js["results"][1]["prefix_reuse"], true);
     assert!(std::fs::read_to_string(ckpt.join("eval/tasks-1shot.md"))
         .unwrap()
         .contains("| winogrande | 1 | 2 |"));
@@ -1005,6 +1093,7 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         data_dir: sample_dir(),
         quiet: true,
         dump_examples: None,
+        no_prefix_reuse: true,
     };
     assert!(mor::eval::cli::run_tasks(&bad).is_err());
     bad.tasks = "piqa".into();

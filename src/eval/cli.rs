@@ -114,6 +114,10 @@ pub struct TasksArgs {
     /// Also write every example's candidate log-likelihoods, predictions and tokens to this JSONL file.
     #[arg(long)]
     pub dump_examples: Option<PathBuf>,
+    /// Score every candidate as its own full sequence instead of running the candidates' shared prefix once through
+    /// the KV-cached engine (for timing comparisons and debugging; the scores agree within float rounding).
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
 }
 
 /// `mor eval logits`
@@ -324,6 +328,8 @@ pub fn run_tasks(a: &TasksArgs) -> Result<Vec<(String, Vec<TaskResult>)>> {
         None => None,
     };
     let mut all = Vec::new();
+    // Per routing label: whether the shared prefix ran once (recorded so a result says how it was computed).
+    let mut reuse = Vec::new();
     let mut md = format!(
         "# Downstream evaluation of {}\n\n{}-shot, seed {}, limit {}\n\n",
         l.dir.display(),
@@ -335,6 +341,10 @@ pub fn run_tasks(a: &TasksArgs) -> Result<Vec<(String, Vec<TaskResult>)>> {
     );
     for (label, fwd) in modes(&l.model, a.model.routing) {
         let mut scorer = ModelScorer::new(&l.model, fwd, l.tok.eos_id());
+        if !a.no_prefix_reuse {
+            scorer = scorer.with_prefix_reuse()?;
+        }
+        reuse.push(scorer.reuses_prefix());
         let mut results = Vec::new();
         for d in &data {
             let (r, examples) = run_task(&mut scorer, &l.tok, d, &opts)?;
@@ -366,7 +376,11 @@ pub fn run_tasks(a: &TasksArgs) -> Result<Vec<(String, Vec<TaskResult>)>> {
         "num_fewshot": a.shots,
         "seed": a.seed,
         "limit": a.limit,
-        "results": all.iter().map(|(label, r)| json!({"routing": label, "tasks": r})).collect::<Vec<_>>(),
+        "results": all
+            .iter()
+            .zip(&reuse)
+            .map(|((label, r), reused)| json!({"routing": label, "prefix_reuse": reused, "tasks": r}))
+            .collect::<Vec<_>>(),
     });
     write(&l.out.join(format!("{stem}.json")), &json_text(&js))?;
     write(&l.out.join(format!("{stem}.md")), &md)?;

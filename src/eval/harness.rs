@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::tasks::{build_example, Example, Task, TaskData};
 use crate::data::Tokenizer;
+use crate::engine::forward::{CachedModel, StepOptions};
 use crate::model::expert_choice::RouteMode;
 use crate::model::{ForwardOptions, MorModel, Routing};
 use crate::{MorError, Result};
@@ -71,10 +72,18 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result
 }
 
 /// Scores requests with a [`MorModel`] under a routing mode.
+///
+/// By default every candidate runs as its own (right-padded) full sequence. With
+/// [`ModelScorer::with_prefix_reuse`], when routing is causal, the token prefix the candidates of an example share runs
+/// once through the KV-cached engine and each candidate continues from a copy of that cache.
 pub struct ModelScorer<'a> {
     model: &'a MorModel,
     opts: ForwardOptions,
     pad: u32,
+    /// The KV-cached engine, present when shared-prefix reuse is on and possible.
+    cached: Option<CachedModel<'a>>,
+    /// Token positions not recomputed thanks to the shared prefix (prefix length × (candidates − 1), summed).
+    reused_tokens: usize,
 }
 
 impl<'a> ModelScorer<'a> {
@@ -82,14 +91,84 @@ impl<'a> ModelScorer<'a> {
     /// id used to right-pad batches (any valid id: padded positions never influence scored positions when padding
     /// is used at all).
     pub fn new(model: &'a MorModel, opts: ForwardOptions, pad: u32) -> Self {
-        ModelScorer { model, opts, pad }
+        ModelScorer {
+            model,
+            opts,
+            pad,
+            cached: None,
+            reused_tokens: 0,
+        }
     }
 
-    /// Whether right padding is invisible to the scored positions: true unless expert-choice top-k routing is
-    /// used, whose per-sequence top-k sees the whole (padded) length.
-    fn padding_safe(&self) -> bool {
+    /// Turn on shared-prefix reuse where it is exact: the common prefix of a batch of requests runs once through the
+    /// KV-cached engine ([`CachedModel`]) and each request's remaining tokens run on a clone of that cache, all in
+    /// one depth-wise batched step. The engine routes each token from its own hidden state (spec §10.4), which is
+    /// what the full forward does for vanilla, recursive and token-choice models and for expert-choice under
+    /// [`RouteMode::Causal`]. Expert-choice under the paper's top-k is left on the full-sequence path: its per-sequence
+    /// top-k looks at every token of the sequence, so a prefix's hidden states depend on what follows it and cannot
+    /// be shared. Configurations the engine refuses (hybrid KV sharing) also stay on the full path; see
+    /// [`ModelScorer::reuses_prefix`]. Where it pays: a batch takes the cached path only when that computes at least
+    /// 1.5× fewer positions than the padded full batch (the engine costs more per position), so single requests and
+    /// short shared prefixes stay on the full path.
+    pub fn with_prefix_reuse(mut self) -> Result<Self> {
+        if !self.causal_routing() {
+            return Ok(self);
+        }
+        match CachedModel::new(self.model) {
+            Ok(c) => self.cached = Some(c),
+            // An unsupported cache configuration is not an error of the evaluation: the full path is exact.
+            Err(MorError::Config(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(self)
+    }
+
+    /// Whether shared-prefix reuse is active.
+    pub fn reuses_prefix(&self) -> bool {
+        self.cached.is_some()
+    }
+
+    /// Token positions computed once instead of once per candidate so far (0 without reuse).
+    pub fn reused_tokens(&self) -> usize {
+        self.reused_tokens
+    }
+
+    /// Whether every token is routed from its own past only: true unless expert-choice top-k routing is used, whose
+    /// per-sequence top-k sees the whole (padded) length. Right padding is invisible to the scored positions and
+    /// the shared prefix's state is independent of what follows it exactly when this holds.
+    fn causal_routing(&self) -> bool {
         !(matches!(self.model.routing(), Routing::Expert(_))
             && matches!(self.opts.mode, RouteMode::TopK { .. }))
+    }
+
+    /// Score `inputs` (input ids, index of the first scored position, targets) on top of their first `p` tokens,
+    /// which they share ([`shared_prefix`]).
+    fn run_cached(
+        &self,
+        engine: &CachedModel<'_>,
+        inputs: &[(Vec<u32>, usize, &[u32])],
+        p: usize,
+    ) -> Result<Vec<LogLik>> {
+        let first = &inputs[0].0;
+        let mut prefix = engine.new_cache();
+        engine.step(&mut [&mut prefix], &[&first[..p]], &StepOptions::default())?;
+        let mut caches: Vec<_> = inputs.iter().map(|_| prefix.clone()).collect();
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        let chunks: Vec<&[u32]> = inputs.iter().map(|(ids, _, _)| &ids[p..]).collect();
+        let opts = StepOptions {
+            all_logits: true,
+            ..Default::default()
+        };
+        let logits = engine.step(&mut refs, &chunks, &opts)?.logits;
+        let mut off = 0;
+        let mut out = Vec::with_capacity(inputs.len());
+        for (ids, start, targets) in inputs {
+            // The chunk holds positions p..len; the scored ones are start..start + targets.len().
+            let rows = logits.narrow(0, off + start - p, targets.len())?;
+            out.push(loglik(&rows, targets)?);
+            off += ids.len() - p;
+        }
+        Ok(out)
     }
 
     fn run(&self, inputs: &[(Vec<u32>, usize, &[u32])]) -> Result<Vec<LogLik>> {
@@ -107,22 +186,44 @@ impl<'a> ModelScorer<'a> {
         let logits = self.model.forward(&ids, &self.opts)?.logits;
         let mut out = Vec::with_capacity(inputs.len());
         for (b, (_, start, targets)) in inputs.iter().enumerate() {
-            let rows = logits
-                .get(b)?
-                .narrow(0, *start, targets.len())?
-                .to_dtype(DType::F32)?
-                .contiguous()?;
-            let logp = candle_nn::ops::log_softmax(&rows, D::Minus1)?;
-            let argmax: Vec<u32> = logp.argmax(D::Minus1)?.to_vec1()?;
-            let idx = Tensor::new(*targets, logp.device())?.unsqueeze(1)?;
-            let lp: Vec<f32> = logp.gather(&idx, D::Minus1)?.squeeze(1)?.to_vec1()?;
-            out.push(LogLik {
-                logprob: lp.iter().map(|&x| x as f64).sum(),
-                greedy: argmax.iter().zip(targets.iter()).all(|(a, b)| a == b),
-            });
+            out.push(loglik(
+                &logits.get(b)?.narrow(0, *start, targets.len())?,
+                targets,
+            )?);
         }
         Ok(out)
     }
+}
+
+/// The cached engine costs more per position than the batched full forward (measured on SmolLM2-135M with one
+/// thread, see docs/evaluation.md: PIQA, with 1.3× fewer positions, ran no faster), so an example takes the cached
+/// path only when it computes at least this many times fewer positions.
+const REUSE_MIN_SAVING: f64 = 1.5;
+
+/// Length of the token prefix all `inputs` share, capped at the first scored position of each: the scored positions'
+/// logits come out of the per-input step, so every input keeps a non-empty remainder.
+fn shared_prefix(inputs: &[(Vec<u32>, usize, &[u32])]) -> usize {
+    let Some((first, _, _)) = inputs.first() else {
+        return 0;
+    };
+    let mut p = inputs.iter().map(|(_, s, _)| *s).min().unwrap_or(0);
+    for (ids, _, _) in &inputs[1..] {
+        p = p.min(first.iter().zip(ids).take_while(|(a, b)| a == b).count());
+    }
+    p
+}
+
+/// Log-likelihood of `targets` under logit rows [K, V] (row k predicts `targets[k]`).
+fn loglik(rows: &Tensor, targets: &[u32]) -> Result<LogLik> {
+    let rows = rows.to_dtype(DType::F32)?.contiguous()?;
+    let logp = candle_nn::ops::log_softmax(&rows, D::Minus1)?;
+    let argmax: Vec<u32> = logp.argmax(D::Minus1)?.to_vec1()?;
+    let idx = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
+    let lp: Vec<f32> = logp.gather(&idx, D::Minus1)?.squeeze(1)?.to_vec1()?;
+    Ok(LogLik {
+        logprob: lp.iter().map(|&x| x as f64).sum(),
+        greedy: argmax.iter().zip(targets).all(|(a, b)| a == b),
+    })
 }
 
 impl Scorer for ModelScorer<'_> {
@@ -148,7 +249,27 @@ impl Scorer for ModelScorer<'_> {
             let start = all.len() - r.continuation.len();
             inputs.push((all, start, r.continuation.as_slice()));
         }
-        if self.padding_safe() {
+        if let Some(engine) = &self.cached {
+            let p = shared_prefix(&inputs);
+            // Positions each path computes: the full path pads every input to the longest, the cached path runs the
+            // prefix once and then each input's own remainder.
+            let full = inputs.len()
+                * inputs
+                    .iter()
+                    .map(|(ids, _, _)| ids.len())
+                    .max()
+                    .unwrap_or(0);
+            let cached = p + inputs
+                .iter()
+                .map(|(ids, _, _)| ids.len() - p)
+                .sum::<usize>();
+            if p > 0 && full as f64 >= REUSE_MIN_SAVING * cached as f64 {
+                let out = self.run_cached(engine, &inputs, p)?;
+                self.reused_tokens += p * (inputs.len() - 1);
+                return Ok(out);
+            }
+        }
+        if self.causal_routing() {
             return self.run(&inputs);
         }
         // Top-k routing depends on the sequence length, so only equal-length inputs share a batch.
