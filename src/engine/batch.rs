@@ -22,7 +22,8 @@ use candle_core::DType;
 
 use crate::data::Tokenizer;
 use crate::engine::cache::{recursion_block, SeqKv};
-use crate::engine::forward::{CachedModel, Flight, StepOptions};
+use crate::engine::forward::{CachedModel, StepOptions};
+use crate::engine::pipeline::Flight;
 use crate::error::{MorError, Result};
 use crate::model::MorModel;
 use crate::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
