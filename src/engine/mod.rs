@@ -7,7 +7,7 @@
 //! - [`pipeline`]: [`CachedModel::pipeline_step`], the paper's asynchronous depth-wise batching: one shared-block
 //!   call per step over tokens at every recursion depth.
 //! - [`batch`]: [`Engine`], a queue of requests with continuous (sequence- or depth-wise) batching.
-//! - [`bench`]: `mor bench generate`.
+//! - [`bench`](mod@bench): `mor bench generate` and `mor bench machine`.
 
 pub mod batch;
 pub mod bench;

@@ -2,7 +2,7 @@
 //! `data-XXXXX-of-YYYYY.arrow` per shard) as JSON objects, so task code reads fields by name.
 //!
 //! HF features map to Arrow as: `Value(string)` → Utf8, `Value(int32)` / `ClassLabel` → Int32 / Int64,
-//! `Sequence(string)` → List<Utf8>, and `Sequence({text, label})` → Struct{text: List<Utf8>, label: List<Utf8>}
+//! `Sequence(string)` → `List<Utf8>`, and `Sequence({text, label})` → `Struct{text: List<Utf8>, label: List<Utf8>}`
 //! (a sequence of dicts is stored as a dict of lists).
 
 use std::fs::File;

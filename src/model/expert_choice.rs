@@ -34,15 +34,15 @@ pub enum RouteMode {
 pub struct ExpertStep {
     /// Tokens eligible at this step.
     pub candidates: Subset,
-    /// Raw router logits of the candidates, in the candidates' flat order [N_cand].
+    /// Raw router logits of the candidates, in the candidates' flat order `[N_cand]`.
     pub logits: Tensor,
-    /// α·G(logit) of the candidates [N_cand].
+    /// α·G(logit) of the candidates `[N_cand]`.
     pub probs: Tensor,
     /// Tokens chosen.
     pub selected: Subset,
     /// For each candidate, whether it was chosen.
     pub chosen: Vec<bool>,
-    /// Gate applied to each chosen token [N_sel].
+    /// Gate applied to each chosen token `[N_sel]`.
     pub gates: Tensor,
 }
 
@@ -126,7 +126,7 @@ impl ExpertChoice {
         }
     }
 
-    /// Router logits [N] of the rows `x` ([N, d]) for recursion r (`aux` selects the auxiliary router).
+    /// Router logits `[N]` of the rows `x` ([N, d]) for recursion r (`aux` selects the auxiliary router).
     pub fn logits(&self, r: usize, x: &Tensor, aux: bool) -> Result<Tensor> {
         let router = if aux {
             &self.aux_routers[r]

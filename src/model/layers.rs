@@ -50,7 +50,7 @@ impl RmsNorm {
         })
     }
 
-    /// The scale weight [d] and ε (the KV-cached engine applies the norm row by row, `crate::engine`).
+    /// The scale weight `[d]` and ε (the KV-cached engine applies the norm row by row, `crate::engine`).
     pub fn parts(&self) -> (&Tensor, f64) {
         (&self.weight, self.eps)
     }
