@@ -371,13 +371,25 @@ pub fn training_flops_per_token(cfg: &ModelConfig, seq_len: usize) -> Result<f64
     Ok(3.0 * forward_flops(cfg, seq_len)?.per_token_incl_head)
 }
 
-/// Whole optimizer steps of `tokens_per_step` tokens (sequences of `seq_len`) that fit in `budget_flops` training
-/// FLOPs ([`training_flops_per_token`]). Errors if the budget does not cover a single step.
+/// How a FLOPs budget counts the cost of a training token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetCount {
+    /// Forward + backward: 3 × forward FLOPs including the LM head ([`training_flops_per_token`]).
+    Training,
+    /// The paper's isoFLOP convention (App. D, spec §5): forward FLOPs only, without the LM head; the step ratios
+    /// of the official configs follow it to within 1%.
+    Paper,
+}
+
+/// Whole optimizer steps of `tokens_per_step` tokens (sequences of `seq_len`) that fit in `budget_flops`, counted
+/// as `count` says. Errors if the budget does not cover a single step.
 pub fn steps_for_budget(
     cfg: &ModelConfig,
     seq_len: usize,
     tokens_per_step: usize,
     budget_flops: f64,
+    count: BudgetCount,
 ) -> Result<usize> {
     if tokens_per_step == 0 {
         return Err(MorError::Request("tokens_per_step must be positive".into()));
@@ -387,7 +399,11 @@ pub fn steps_for_budget(
             "FLOPs budget {budget_flops} must be a positive finite number"
         )));
     }
-    let per_step = training_flops_per_token(cfg, seq_len)? * tokens_per_step as f64;
+    let per_token = match count {
+        BudgetCount::Training => training_flops_per_token(cfg, seq_len)?,
+        BudgetCount::Paper => forward_flops(cfg, seq_len)?.per_token_excl_head,
+    };
+    let per_step = per_token * tokens_per_step as f64;
     let steps = (budget_flops / per_step).floor();
     if steps < 1.0 {
         return Err(MorError::Request(format!(
@@ -545,14 +561,33 @@ mod tests {
         assert_eq!(per_token, 3.0 * fwd);
         let tokens = 1024 * 2048;
         let step = per_token * tokens as f64;
-        assert_eq!(steps_for_budget(&c, 2048, tokens, 10.5 * step).unwrap(), 10);
-        let e = steps_for_budget(&c, 2048, tokens, 0.5 * step)
+        assert_eq!(
+            steps_for_budget(&c, 2048, tokens, 10.5 * step, BudgetCount::Training).unwrap(),
+            10
+        );
+        let e = steps_for_budget(&c, 2048, tokens, 0.5 * step, BudgetCount::Training)
             .unwrap_err()
             .to_string();
         assert!(e.contains("smaller than one training step"), "{e}");
-        assert!(steps_for_budget(&c, 2048, 0, 1e20).is_err());
-        assert!(steps_for_budget(&c, 2048, tokens, f64::NAN).is_err());
+        assert!(steps_for_budget(&c, 2048, 0, 1e20, BudgetCount::Paper).is_err());
+        assert!(steps_for_budget(&c, 2048, tokens, f64::NAN, BudgetCount::Paper).is_err());
         assert!(forward_flops(&c, 0).is_err());
         assert!(forward_flops(&c, 4096).is_err());
+    }
+
+    #[test]
+    fn paper_budget_reproduces_the_official_step_ratio() {
+        // Official 360M configs at the same 16.5e18 budget: vanilla 9438 steps, MoR-3 expert 14161 (spec §5).
+        let tokens = 1024 * 2048;
+        let steps = |name: &str| {
+            let c = preset(name).unwrap();
+            steps_for_budget(&c, 2048, tokens, 16.5e18, BudgetCount::Paper).unwrap() as f64
+        };
+        let ratio = steps("smollm-360m-mor-expert-3") / steps("smollm-360m-vanilla");
+        assert!((ratio / (14161.0 / 9438.0) - 1.0).abs() < 0.01, "{ratio}");
+        // The training convention costs 3× forward plus the head, so fewer steps fit.
+        let c = preset("smollm-360m-vanilla").unwrap();
+        let training = steps_for_budget(&c, 2048, tokens, 16.5e18, BudgetCount::Training).unwrap();
+        assert!((training as f64) < steps("smollm-360m-vanilla") / 3.0);
     }
 }

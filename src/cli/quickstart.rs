@@ -76,6 +76,7 @@ pub fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
         resume: mor::checkpoint::latest(&run_dir).is_some(),
         steps: a.steps,
         flops_budget: None,
+        flops_count: "training".into(),
         seq_len: None,
         batch_size: 8,
         grad_accum: 1,

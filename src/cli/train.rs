@@ -37,9 +37,13 @@ pub struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
-    /// Derive the step count from a training-FLOPs budget (3 × forward FLOPs per token × tokens).
+    /// Derive the step count from a FLOPs budget, counted as --flops-count says.
     #[arg(long, conflicts_with = "steps")]
     pub flops_budget: Option<f64>,
+    /// How --flops-budget counts a token: `training` (3 × forward FLOPs with the LM head) or `paper` (the paper's
+    /// isoFLOP convention: forward FLOPs without the head, App. D).
+    #[arg(long, default_value = "training")]
+    pub flops_count: String,
     /// Tokens per sequence (default: the model's context, at most 2048).
     #[arg(long)]
     pub seq_len: Option<usize>,
@@ -129,7 +133,8 @@ pub fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
     let steps = match a.flops_budget {
         Some(budget) => {
             let tokens_per_step = seq_len * a.batch_size * a.grad_accum;
-            let n = mor::flops::steps_for_budget(cfg, seq_len, tokens_per_step, budget)?;
+            let count = parse_enum("flops-count", &a.flops_count)?;
+            let n = mor::flops::steps_for_budget(cfg, seq_len, tokens_per_step, budget, count)?;
             tracing::info!(steps = n, budget, "steps derived from the FLOPs budget");
             n
         }
