@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::{DecodeRule, Gating};
 use crate::engine::cache::{LayerKv, SeqKv};
 use crate::error::{MorError, Result};
+use crate::model::expert_choice::ExpertChoice;
 use crate::model::{MorModel, Routing};
 
 /// One layer prepared for decoding: fused, pre-transposed f32 weights (`x @ w` is a plain row-major GEMM and
@@ -316,22 +317,11 @@ impl<'m> CachedModel<'m> {
                     let xc = x.index_select(&cand_t, 0)?;
                     let logits = ec.logits(r, &xc, false)?;
                     let probs = (ec.activate(&logits)? * ec.config().alpha)?;
-                    let full = ec.capacity(r, None) >= 1.0;
                     let (chosen, traced) = match (&opts.expert_thresholds, opts.trace_router) {
                         (None, false) => (ec.causal_decision(r, &xc, &logits)?, None),
                         (thr, _) => {
-                            let (rule_logits, base) = match ec.config().decode_rule {
-                                DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
-                                DecodeRule::AuxRouter { threshold } => {
-                                    (ec.logits(r, &xc, true)?, threshold)
-                                }
-                            };
-                            let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
-                                .to_dtype(DType::F32)?
-                                .to_vec1()?;
-                            let t = thr.as_ref().and_then(|t| t.get(r).copied()).unwrap_or(base);
-                            // Same comparison as `ExpertChoice::causal_decision`.
-                            let chosen = p.iter().map(|&v| full || f64::from(v) >= t).collect();
+                            let (chosen, p) =
+                                threshold_decision(ec, r, &xc, &logits, thr.as_deref())?;
                             (chosen, Some(p))
                         }
                     };
@@ -681,4 +671,27 @@ fn attend_rows(
             }
         }
     }
+}
+
+/// The causal decode decision of recursion `r` for the candidates `xc` with router logits `logits`, with per-recursion
+/// thresholds `thr` overriding the decode rule's (calibrated benchmarks): the same comparison as
+/// `ExpertChoice::causal_decision`, also returning σ(rule logit) of each candidate for tracing.
+pub(super) fn threshold_decision(
+    ec: &ExpertChoice,
+    r: usize,
+    xc: &Tensor,
+    logits: &Tensor,
+    thr: Option<&[f64]>,
+) -> Result<(Vec<bool>, Vec<f32>)> {
+    let (rule_logits, base) = match ec.config().decode_rule {
+        DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
+        DecodeRule::AuxRouter { threshold } => (ec.logits(r, xc, true)?, threshold),
+    };
+    let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    let t = thr.and_then(|t| t.get(r).copied()).unwrap_or(base);
+    let full = ec.capacity(r, None) >= 1.0;
+    let chosen = p.iter().map(|&v| full || f64::from(v) >= t).collect();
+    Ok((chosen, p))
 }

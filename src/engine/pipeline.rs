@@ -5,9 +5,9 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::config::{DecodeRule, Gating};
+use crate::config::Gating;
 use crate::engine::cache::SeqKv;
-use crate::engine::forward::{to_f32_vec, CachedModel, RowRef, StepOptions};
+use crate::engine::forward::{threshold_decision, to_f32_vec, CachedModel, RowRef, StepOptions};
 use crate::error::{MorError, Result};
 use crate::model::Routing;
 
@@ -143,15 +143,7 @@ impl<'m> CachedModel<'m> {
                 .reshape((n, d))?;
             let mut xv = to_f32_vec(&x)?;
             for l in 0..layout.prefix {
-                let refs: Vec<RowRef> = entering
-                    .iter()
-                    .map(|&i| RowRef {
-                        seq: i,
-                        pos: flights[i].pos,
-                        layer: l,
-                    })
-                    .collect();
-                xv = self.layer_rows(l, &xv, &refs, caches)?;
+                xv = self.layer_rows(l, &xv, &flight_rows(flights, &entering, l), caches)?;
             }
             let experts = match self.model().routing() {
                 Routing::Token(tc) => {
@@ -285,14 +277,7 @@ impl<'m> CachedModel<'m> {
             xv.extend_from_slice(&flights[i].x);
         }
         for l in layout.suffix_layers() {
-            let refs: Vec<RowRef> = exited
-                .iter()
-                .map(|&i| RowRef {
-                    seq: i,
-                    pos: flights[i].pos,
-                    layer: l,
-                })
-                .collect();
+            let refs = flight_rows(flights, &exited, l);
             xv = self.layer_rows(layout.source[l], &xv, &refs, caches)?;
         }
         let x = Tensor::from_vec(xv, (exited.len(), d), dev)?.to_dtype(dtype)?;
@@ -343,21 +328,7 @@ impl<'m> CachedModel<'m> {
                 .to_vec1()?;
             let chosen = match &opts.expert_thresholds {
                 None => ec.causal_decision(r, &xc, &logits)?,
-                Some(thr) => {
-                    let (rule_logits, base) = match ec.config().decode_rule {
-                        DecodeRule::Threshold { threshold } => (logits.clone(), threshold),
-                        DecodeRule::AuxRouter { threshold } => {
-                            (ec.logits(r, &xc, true)?, threshold)
-                        }
-                    };
-                    let p: Vec<f32> = candle_nn::ops::sigmoid(&rule_logits)?
-                        .to_dtype(DType::F32)?
-                        .to_vec1()?;
-                    let t = thr.get(r).copied().unwrap_or(base);
-                    let full = ec.capacity(r, None) >= 1.0;
-                    // Same comparison as `ExpertChoice::causal_decision` and `step`.
-                    p.iter().map(|&v| full || f64::from(v) >= t).collect()
-                }
+                Some(thr) => threshold_decision(ec, r, &xc, &logits, Some(thr))?.0,
             };
             for (k, &i) in group.iter().enumerate() {
                 exit[i] = !chosen[k];
@@ -367,4 +338,15 @@ impl<'m> CachedModel<'m> {
         }
         Ok(())
     }
+}
+
+/// The layer rows of the flights `idx` at unrolled layer `layer`.
+fn flight_rows(flights: &[Flight], idx: &[usize], layer: usize) -> Vec<RowRef> {
+    idx.iter()
+        .map(|&i| RowRef {
+            seq: i,
+            pos: flights[i].pos,
+            layer,
+        })
+        .collect()
 }
