@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     );
     let (steps, seq, batch): (usize, usize, usize) = (a[4].parse()?, a[5].parse()?, a[6].parse()?);
     let top_k = RouteMode::TopK { step: None };
-    let (src, _) = mor::gguf::import_gguf(&gguf, &Device::Cpu)?;
+    let (src, _) = mor::io::gguf::import_gguf(&gguf, &Device::Cpu)?;
     let eval = |name: &str, m: MorModel| -> anyhow::Result<()> {
         let t = Trainer::new(m, train_cfg(1, seq, batch, 1e-4), &data, &out.join(name))?;
         println!(
@@ -61,13 +61,14 @@ fn main() -> anyhow::Result<()> {
     };
     eval("vanilla", src.clone())?;
     for init in [Initialization::Stepwise, Initialization::Average] {
-        let rec = mor::uptrain::uptrain_config(src.config(), Sharing::MiddleCycle, 3, init, None)?;
+        let rec =
+            mor::train::uptrain::uptrain_config(src.config(), Sharing::MiddleCycle, 3, init, None)?;
         eval(
             &format!("recursive-{init:?}-step0"),
-            mor::uptrain::uptrain_model(&src, &rec, 0)?,
+            mor::train::uptrain::uptrain_model(&src, &rec, 0)?,
         )?;
     }
-    let target = mor::uptrain::uptrain_config(
+    let target = mor::train::uptrain::uptrain_config(
         src.config(),
         Sharing::MiddleCycle,
         3,
@@ -77,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     for (name, model, lr) in [
         (
             "mor-uptrained",
-            mor::uptrain::uptrain_model(&src, &target, 0)?,
+            mor::train::uptrain::uptrain_model(&src, &target, 0)?,
             3e-4,
         ),
         (

@@ -11,12 +11,15 @@ use mimalloc::MiMalloc;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
-/// mimalloc with live/peak byte counters. mimalloc measurably speeds up candle's allocation-heavy backward
-/// (shared/notes/performance-evidence.md).
+/// mimalloc with live/peak byte counters. mimalloc measurably speeds up candle's allocation-heavy backward (a
+/// 15-25% shorter training step than the system allocator, measured on this project's 2-core machines).
 pub struct CountingAlloc;
 
+// SAFETY: every method forwards to mimalloc's `GlobalAlloc` with the caller's own arguments, so the contract the
+// caller upholds for us is the one mimalloc needs; the counters are side bookkeeping.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout (see the impl).
         let p = unsafe { MiMalloc.alloc(layout) };
         if !p.is_null() {
             let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
@@ -25,10 +28,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator (i.e. mimalloc) with `layout`.
         unsafe { MiMalloc.dealloc(ptr, layout) };
         CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout.
         let p = unsafe { MiMalloc.alloc_zeroed(layout) };
         if !p.is_null() {
             let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
@@ -37,6 +42,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         p
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from mimalloc with `layout`; the caller guarantees `new_size` is valid for it.
         let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             if new_size >= layout.size() {

@@ -3,7 +3,9 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,7 +56,7 @@ enum Command {
     Bench(BenchCommand),
     /// Evaluation: loss / bits per byte, downstream tasks, routing depth pictures.
     #[command(subcommand)]
-    Eval(mor::eval::cli::EvalCommand),
+    Eval(cli::eval::EvalCommand),
     /// Import a GGUF file (llama.cpp) as a mor checkpoint directory with its tokenizer.json.
     Import(ImportArgs),
     /// Export a checkpoint: Hugging Face layout (any model) or GGUF (vanilla models).
@@ -65,7 +67,7 @@ enum Command {
     Plot(PlotArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     mor::alloc::keep_freed_memory();
     mor::engine::pin_thread_count();
     tracing_subscriber::fmt()
@@ -74,8 +76,21 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A user error is one line with its causes, never a backtrace, whatever RUST_BACKTRACE says (a panic
+            // still reports one through the default hook).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Quickstart(a) => cli::quickstart::run_quickstart(&a),
         Command::Tokenizer(a) => cli::data::run_tokenizer(&a),
         Command::Prepare(a) => cli::data::run_prepare(&a),
@@ -88,6 +103,6 @@ fn main() -> Result<()> {
         Command::Plot(a) => cli::plot::run_plot(&a).map(|table| print!("{table}")),
         Command::Flops(a) => cli::bench::run_flops(&a),
         Command::Bench(c) => cli::bench::run_bench(c),
-        Command::Eval(c) => Ok(mor::eval::cli::run(&c)?),
+        Command::Eval(c) => Ok(cli::eval::run(&c)?),
     }
 }

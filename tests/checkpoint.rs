@@ -2,8 +2,8 @@
 //! weights are stored once, and mismatched or damaged checkpoints are refused with the offending tensor named.
 
 use candle_core::{Device, Tensor};
-use mor::checkpoint::{load_model, load_tensors, save_model};
 use mor::config::ModelConfig;
+use mor::io::checkpoint::{load_model, load_tensors, save_model};
 use mor::model::{ForwardOptions, MorModel};
 
 fn cfg(extra: &str) -> ModelConfig {
@@ -108,7 +108,7 @@ fn mismatched_checkpoints_are_refused_with_the_tensor_named() {
 
     // Config says token-choice but the weights are expert-choice: missing/unexpected router tensors.
     let wrong = variants()[5].1.clone();
-    let e = mor::checkpoint::load_model_with_config(&dir, &wrong, &Device::Cpu)
+    let e = mor::io::checkpoint::load_model_with_config(&dir, &wrong, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -117,7 +117,7 @@ fn mismatched_checkpoints_are_refused_with_the_tensor_named() {
     // A different width: the shape error names the tensor.
     let mut narrow = variants()[3].1.clone();
     narrow.intermediate_size = 48;
-    let e = mor::checkpoint::load_model_with_config(&dir, &narrow, &Device::Cpu)
+    let e = mor::io::checkpoint::load_model_with_config(&dir, &narrow, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();

@@ -221,8 +221,8 @@ fn train_resume_generate_round_trip() {
 
 #[test]
 fn verify_reports_parity_with_the_official_code() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/F_mor_expert_linear_sigmoid");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/F_mor_expert_linear_sigmoid");
     let o = mor(&["verify", s(&fixture)]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");

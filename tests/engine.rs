@@ -4,21 +4,20 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use mor::config::ModelConfig;
+mod common;
+use common::{max_abs_diff, routed_model, DEV};
+
+use candle_core::{DType, IndexOp, Tensor};
+use mor::bench::generate::calibrate_expert_thresholds;
 use mor::data::Tokenizer;
-use mor::engine::bench::calibrate_expert_thresholds;
 use mor::engine::cache::recursion_block;
+use mor::engine::sampling::{Sampler, SamplingParams};
 use mor::engine::{CachedModel, Engine, EngineOptions, Finish, SeqKv, StepOptions};
-use mor::model::params::ParamStore;
-use mor::model::token_choice::BIAS_NAME;
 use mor::model::{ForwardOptions, MorModel};
-use mor::sampling::{Sampler, SamplingParams};
 use mor::{MorError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const DEV: Device = Device::Cpu;
 const VOCAB: usize = 64;
 const CTX: usize = 48;
 
@@ -30,48 +29,8 @@ fn model_json(layers: usize, extra: &str) -> String {
     )
 }
 
-fn randn(rng: &mut StdRng, dims: &[usize], mean: f64, std: f64) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            // Box-Muller.
-            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-            (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, dims, &DEV)?)
-}
-
-/// A small f32 model whose routers are re-drawn at a large std so routing decisions are non-degenerate (as in
-/// tests/gradcheck.rs), with norms at 1 + N(0, 0.2²) and a random loss-free bias of the size of the probabilities.
-fn tiny_model(json: &str, seed: u64) -> Result<MorModel> {
-    let cfg = ModelConfig::from_json(json)?;
-    let model = MorModel::init(&cfg, ParamStore::with_dtype(&DEV, seed, DType::F32))?;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    for (name, v) in model.params().iter() {
-        let dims = v.dims();
-        let t = if name == BIAS_NAME {
-            randn(&mut rng, dims, 0.0, 0.1)?
-        } else if name.contains("router") && name.ends_with(".2.weight") {
-            randn(&mut rng, dims, 0.0, 2.0 / (dims[1] as f64).sqrt())?
-        } else if name.contains("router") {
-            randn(&mut rng, dims, 0.0, 2.0)?
-        } else if name.contains("norm") {
-            randn(&mut rng, dims, 1.0, 0.2)?
-        } else {
-            continue;
-        };
-        v.set(&t)?;
-    }
-    Ok(model)
-}
-
 fn random_tokens(rng: &mut StdRng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..VOCAB as u32)).collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
 }
 
 /// Full-sequence causal logits [T, V] of one sequence.
@@ -147,7 +106,7 @@ fn cached_vs_full(model: &MorModel, seed: u64) -> Result<(f32, Vec<usize>)> {
     for (s, seq) in seqs.iter().enumerate() {
         assert_eq!(caches[s].seq_len(), seq.len());
         let cached = Tensor::cat(&got[s], 0)?;
-        worst = worst.max(max_abs_diff(&cached, &reference_logits(model, seq)?)?);
+        worst = worst.max(max_abs_diff(&cached, &reference_logits(model, seq)?));
     }
     Ok((worst, hist))
 }
@@ -234,7 +193,7 @@ fn variants() -> Vec<(&'static str, String)> {
 fn cached_prefill_and_decode_match_the_full_causal_forward() -> Result<()> {
     let mut failures = Vec::new();
     for (i, (label, json)) in variants().into_iter().enumerate() {
-        let model = tiny_model(&json, 10 + i as u64)?;
+        let model = routed_model(&json, 10 + i as u64, DType::F32, 0.1)?;
         let (diff, hist) = cached_vs_full(&model, 100 + i as u64)?;
         let routed = model.config().mor.is_some();
         let distinct = hist.iter().filter(|&&c| c > 0).count();
@@ -258,7 +217,7 @@ fn cached_prefill_and_decode_match_the_full_causal_forward() -> Result<()> {
 fn asynchronous_pipeline_matches_the_full_causal_forward() -> Result<()> {
     let mut failures = Vec::new();
     for (i, (label, json)) in variants().into_iter().enumerate() {
-        let model = tiny_model(&json, 10 + i as u64)?;
+        let model = routed_model(&json, 10 + i as u64, DType::F32, 0.1)?;
         if model.layout().base_depth == 0 {
             assert!(matches!(
                 CachedModel::new(&model)?.pipeline_step(&mut [], &mut [], &StepOptions::default()),
@@ -326,7 +285,7 @@ fn asynchronous_pipeline_matches_the_full_causal_forward() -> Result<()> {
             assert_eq!(got[s].len(), seq.len(), "{label}: sequence {s} incomplete");
             let n = seq.len();
             let cached = Tensor::from_vec(got[s].concat(), (n, VOCAB), &DEV)?;
-            worst = worst.max(max_abs_diff(&cached, &reference_logits(&model, seq)?)?);
+            worst = worst.max(max_abs_diff(&cached, &reference_logits(&model, seq)?));
             // The synchronous step over the whole sequence: same routing decisions, token by token.
             let mut c = cm.new_cache();
             let sync = cm.step(
@@ -374,11 +333,11 @@ fn unsupported_and_bad_steps_are_errors() -> Result<()> {
             r#"{MIDDLE3},"mor":{{"routing":{{"expert":{{}}}}}},"kv_sharing":{{"update_cache":true}}"#
         ),
     );
-    let model = tiny_model(&json, 1)?;
+    let model = routed_model(&json, 1, DType::F32, 0.1)?;
     let err = CachedModel::new(&model).unwrap_err().to_string();
     assert!(err.contains("update_cache"), "{err}");
 
-    let model = tiny_model(&model_json(8, MIDDLE3), 1)?;
+    let model = routed_model(&model_json(8, MIDDLE3), 1, DType::F32, 0.1)?;
     let cm = CachedModel::new(&model)?;
     let mut c = cm.new_cache();
     let o = StepOptions::default();
@@ -396,6 +355,33 @@ fn unsupported_and_bad_steps_are_errors() -> Result<()> {
         Err(MorError::Request(_))
     ));
     assert_eq!(c.seq_len(), 0, "rejected steps leave the cache untouched");
+
+    // A cache made for another model (other depth, or other K/V width) is refused, not indexed out of bounds.
+    for other in [
+        model_json(4, ""),
+        model_json(8, "").replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":4"),
+    ] {
+        let other = routed_model(&other, 2, DType::F32, 0.1)?;
+        let mut foreign = CachedModel::new(&other)?.new_cache();
+        let err = cm.step(&mut [&mut foreign], &[&[1]], &o).unwrap_err();
+        assert!(
+            matches!(err, MorError::Request(_)) && err.to_string().contains("KV cache"),
+            "{err}"
+        );
+        let mut flights = [mor::engine::Flight::new(1)];
+        let err = cm
+            .pipeline_step(&mut flights, &mut [&mut foreign], &o)
+            .unwrap_err();
+        assert!(err.to_string().contains("KV cache"), "{err}");
+    }
+    // Out-of-range layers of a cache are absent, not a panic.
+    assert!(c.layer(c.num_layers()).is_none());
+    assert_eq!(c.bytes_in(0..c.num_layers() + 5), c.bytes());
+    // The training loss needs a next token to predict.
+    let one = Tensor::from_vec(vec![1u32], (1, 1), &DEV)?;
+    let out = model.forward(&one, &ForwardOptions::train(0))?;
+    let err = model.loss(&out, &one, 1).unwrap_err();
+    assert!(err.to_string().contains("at least 2 tokens"), "{err}");
     Ok(())
 }
 
@@ -410,7 +396,7 @@ fn kv_cache_memory_follows_table_2() -> Result<()> {
             8,
             &format!(r#"{MIDDLE3},"mor":{{"routing":{{"expert":{{}}}}}}{kv}"#),
         );
-        let model = tiny_model(&json, 7)?;
+        let model = routed_model(&json, 7, DType::F32, 0.1)?;
         let cm = CachedModel::new(&model)?;
         let mut rng = StdRng::seed_from_u64(3);
         let seqs: Vec<Vec<u32>> = (0..4).map(|_| random_tokens(&mut rng, 40)).collect();
@@ -447,7 +433,7 @@ fn kv_cache_memory_follows_table_2() -> Result<()> {
             for r in 0..3 {
                 let held: usize = caches
                     .iter()
-                    .map(|c| c.layer(l.recursion_layers(r).start).len())
+                    .map(|c| c.layer(l.recursion_layers(r).start).map_or(0, |k| k.len()))
                     .sum();
                 let expect = out.depths.iter().filter(|&&d| d > r).count();
                 assert_eq!(held, expect, "depth {r}");
@@ -504,7 +490,7 @@ fn engine_matches_reference_with_requests_arriving_mid_run() -> Result<()> {
                 "{label}{}",
                 if asynchronous { " (asynchronous)" } else { "" }
             );
-            let model = tiny_model(&json, 5)?;
+            let model = routed_model(&json, 5, DType::F32, 0.1)?;
             let mut engine = Engine::new(
                 &model,
                 None,
@@ -618,7 +604,7 @@ fn engine_matches_reference_with_requests_arriving_mid_run() -> Result<()> {
             assert!(engine.is_idle() && engine.kv_bytes() == 0);
         }
     }
-    let model = tiny_model(&model_json(8, ""), 5)?;
+    let model = routed_model(&model_json(8, ""), 5, DType::F32, 0.1)?;
     assert!(Engine::new(
         &model,
         None,
@@ -647,7 +633,7 @@ fn cached_generate_matches_full_recompute() -> Result<()> {
             "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,"initializer_range":0.2,
             "recursion":{{"sharing":"middle_cycle","num_recursion":3}},"mor":{{"routing":{{"expert":{{}}}}}}}}"#
     );
-    let model = tiny_model(&json, 4)?;
+    let model = routed_model(&json, 4, DType::F32, 0.1)?;
     for (prompt, stop) in [
         ("Shall I compare thee", vec![]),
         ("", vec!["e".to_string()]),
@@ -660,10 +646,12 @@ fn cached_generate_matches_full_recompute() -> Result<()> {
             ..Default::default()
         };
         let (mut a, mut b) = (String::new(), String::new());
-        let fast = mor::generate::generate(&model, &tok, prompt, &params, &mut |s| a.push_str(s))?;
-        let slow = mor::generate::generate_reference(&model, &tok, prompt, &params, &mut |s| {
-            b.push_str(s)
-        })?;
+        let fast =
+            mor::engine::generate::generate(&model, &tok, prompt, &params, &mut |s| a.push_str(s))?;
+        let slow =
+            mor::engine::generate::generate_reference(&model, &tok, prompt, &params, &mut |s| {
+                b.push_str(s)
+            })?;
         assert_eq!(fast.tokens, slow.tokens);
         assert_eq!(fast.text, slow.text);
         assert_eq!(fast.finish, slow.finish);
@@ -678,7 +666,7 @@ fn cached_generate_matches_full_recompute() -> Result<()> {
 /// 34/22 ≈ 49–50 (the paper: 51 with a 360M model).
 #[test]
 fn b_max_follows_the_paper_definition() -> Result<()> {
-    use mor::engine::bench::{
+    use mor::bench::generate::{
         full_context_kv_bytes, generate_variant_config, max_batch, GenerateBenchOptions,
     };
     let o = GenerateBenchOptions {
@@ -709,6 +697,6 @@ fn b_max_follows_the_paper_definition() -> Result<()> {
     assert!((49..=50).contains(&b_max), "B=Max {b_max}");
     assert!(generate_variant_config("mor-expert-4+bogus", &o).is_err());
     assert!(generate_variant_config("mor-expert-4@x", &o).is_err());
-    assert!("0".parse::<mor::engine::bench::BatchSize>().is_err());
+    assert!("0".parse::<mor::bench::generate::BatchSize>().is_err());
     Ok(())
 }

@@ -946,33 +946,57 @@ fn make_samples() {
     gz.finish().unwrap();
 }
 
+/// Run the `mor` binary; its output on failure.
+fn mor_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mor"))
+        .args(args)
+        .output()
+        .expect("the mor binary runs")
+}
+
+fn json_file(p: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 #[test]
 fn cli_writes_reports_next_to_the_checkpoint() {
-    use mor::eval::cli::{DepthArgs, LossArgs, ModelArgs, RoutingChoice, TasksArgs};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let model = MorModel::new(&tiny(EXPERT, 256), &Device::Cpu, 9).unwrap();
-    mor::checkpoint::save_model(&ckpt, &model).unwrap();
+    mor::io::checkpoint::save_model(&ckpt, &model).unwrap();
     tokenizer().save(ckpt.join("tokenizer.json")).unwrap();
-    let margs = ModelArgs {
-        checkpoint: ckpt.clone(),
-        tokenizer: None,
-        routing: RoutingChoice::Both,
-        out: None,
-    };
+    let c = ckpt.to_str().unwrap();
+    let data = sample_dir();
+    let data = data.to_str().unwrap();
     let dump = dir.path().join("examples.jsonl");
-    let all = mor::eval::cli::run_tasks(&TasksArgs {
-        model: margs.clone(),
-        tasks: "all".into(),
-        shots: 1,
-        seed: 1,
-        limit: Some(2),
-        data_dir: sample_dir(),
-        quiet: true,
-        dump_examples: Some(dump.clone()),
-        no_prefix_reuse: false,
-    })
-    .unwrap();
+    let o = mor_cli(&[
+        "eval",
+        "tasks",
+        "--checkpoint",
+        c,
+        "--tasks",
+        "all",
+        "--shots",
+        "1",
+        "--seed",
+        "1",
+        "--limit",
+        "2",
+        "--data-dir",
+        data,
+        "--quiet",
+        "--dump-examples",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let js = json_file(&ckpt.join("eval/tasks-1shot.json"));
+    let results = js["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["routing"], "top-k");
+    assert_eq!(results[1]["routing"], "causal");
+    // Reuse runs under the causal rule only: the top-k must see whole sequences.
+    assert_eq!(results[0]["prefix_reuse"], false);
+    assert_eq!(results[1]["prefix_reuse"], true);
     // The dump has one line per example, task and routing rule, and its verdicts add up to the reported acc.
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dump)
         .unwrap()
@@ -980,18 +1004,20 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2 * 8 * 2);
-    for (label, results) in &all {
-        for r in results {
+    for res in results {
+        let tasks = res["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 8);
+        for r in tasks {
+            assert_eq!(r["n"], 2);
             let mine: Vec<&serde_json::Value> = lines
                 .iter()
-                .filter(|l| l["routing"] == label.as_str() && l["task"] == r.task.as_str())
+                .filter(|l| l["routing"] == res["routing"] && l["task"] == r["task"])
                 .collect();
             assert_eq!(mine.len(), 2);
             let right = mine.iter().filter(|l| l["correct"] == true).count();
             assert!(
-                (r.acc - right as f64 / 2.0).abs() < 1e-12,
-                "{label} {}",
-                r.task
+                (r["acc"].as_f64().unwrap() - right as f64 / 2.0).abs() < 1e-12,
+                "{res} {r}"
             );
             for l in mine {
                 let k = l["logprobs"].as_array().unwrap().len();
@@ -999,15 +1025,22 @@ fn cli_writes_reports_next_to_the_checkpoint() {
             }
         }
     }
+    assert!(std::fs::read_to_string(ckpt.join("eval/tasks-1shot.md"))
+        .unwrap()
+        .contains("| winogrande | 1 | 2 |"));
 
     // Logits: one [tokens, vocab] f32 .npy per prompt and routing rule, equal to the model's own forward.
-    let index = mor::eval::cli::run_logits(&mor::eval::cli::LogitsArgs {
-        model: margs.clone(),
-        prompts: vec!["Shall I compare thee".into()],
-    })
-    .unwrap();
-    let idx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    let o = mor_cli(&[
+        "eval",
+        "logits",
+        "--checkpoint",
+        c,
+        "--prompt",
+        "Shall I compare thee",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let index = ckpt.join("eval/logits/logits.json");
+    let idx = json_file(&index);
     let e = &idx["prompts"][1];
     assert_eq!(e["routing"], "causal");
     let ids: Vec<u32> = serde_json::from_value(e["ids"].clone()).unwrap();
@@ -1037,36 +1070,28 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         .to_vec1()
         .unwrap();
     assert_eq!(got, want);
-    assert_eq!(all.len(), 2);
-    assert_eq!(all[0].0, "top-k");
-    assert!(all
-        .iter()
-        .all(|(_, r)| r.len() == 8 && r.iter().all(|t| t.n == 2)));
-    let js: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("eval/tasks-1shot.json")).unwrap())
-            .unwrap();
-    assert_eq!(js["results"][1]["routing"], "causal");
-    // Reuse runs under the causal rule only: the top-k must see whole sequences.
-    assert_eq!(js["results"][0]["prefix_reuse"], false);
-    assert_eq!(js["results"][1]["prefix_reuse"], true);
-    assert!(std::fs::read_to_string(ckpt.join("eval/tasks-1shot.md"))
-        .unwrap()
-        .contains("| winogrande | 1 | 2 |"));
 
-    let loss = mor::eval::cli::run_loss(&LossArgs {
-        model: margs.clone(),
-        inputs: vec![root().join("tests/data/sonnets.txt")],
-        window: 64,
-        stride: None,
-        batch: 2,
-        max_windows: Some(3),
-        field: "text".into(),
-        quiet: true,
-    })
-    .unwrap();
-    assert_eq!(loss.len(), 2);
-    assert!(loss[0].2.sampling_accuracy.is_some() && loss[1].2.sampling_accuracy.is_none());
-    assert!(ckpt.join("eval/loss.json").exists());
+    let sonnets = root().join("tests/data/sonnets.txt");
+    let o = mor_cli(&[
+        "eval",
+        "loss",
+        "--checkpoint",
+        c,
+        sonnets.to_str().unwrap(),
+        "--window",
+        "64",
+        "--batch",
+        "2",
+        "--max-windows",
+        "3",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let loss = json_file(&ckpt.join("eval/loss.json"));
+    let results = loss["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert!(results[0]["routing_stats"]["sampling_accuracy"].is_number());
+    assert!(results[1]["routing_stats"]["sampling_accuracy"].is_null());
     // The scratch token file is removed.
     let left: Vec<_> = std::fs::read_dir(ckpt.join("eval"))
         .unwrap()
@@ -1075,29 +1100,45 @@ fn cli_writes_reports_next_to_the_checkpoint() {
         .collect();
     assert!(left.is_empty());
 
-    let paths = mor::eval::cli::run_depth(&DepthArgs {
-        model: margs.clone(),
-        passage: Some("Shall I compare thee".into()),
-        passage_file: None,
-    })
-    .unwrap();
-    assert_eq!(paths.len(), 2);
+    let o = mor_cli(&[
+        "eval",
+        "depth",
+        "--checkpoint",
+        c,
+        "--passage",
+        "Shall I compare thee",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        ckpt.join("eval/depth-top-k.html").exists() && ckpt.join("eval/depth-causal.html").exists()
+    );
 
-    // Unknown task and missing data fail before any scoring.
-    let mut bad = TasksArgs {
-        model: margs,
-        tasks: "piqa,nope".into(),
-        shots: 0,
-        seed: 1,
-        limit: None,
-        data_dir: sample_dir(),
-        quiet: true,
-        dump_examples: None,
-        no_prefix_reuse: true,
-    };
-    assert!(mor::eval::cli::run_tasks(&bad).is_err());
-    bad.tasks = "piqa".into();
-    bad.data_dir = dir.path().join("nowhere");
-    let e = mor::eval::cli::run_tasks(&bad).unwrap_err().to_string();
-    assert!(e.contains("fetch_eval_data.sh"), "{e}");
+    // Unknown task and missing data fail before any scoring, with one line and exit code 1.
+    let o = mor_cli(&[
+        "eval",
+        "tasks",
+        "--checkpoint",
+        c,
+        "--tasks",
+        "piqa,nope",
+        "--data-dir",
+        data,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let nowhere = dir.path().join("nowhere");
+    let o = mor_cli(&[
+        "eval",
+        "tasks",
+        "--checkpoint",
+        c,
+        "--tasks",
+        "piqa",
+        "--data-dir",
+        nowhere.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(1) && err.contains("fetch_eval_data.sh"),
+        "{err}"
+    );
 }

@@ -1,7 +1,7 @@
 //! Finite-difference gradient checks in f64, independent of the PyTorch fixtures.
 //!
 //! candle's CPU autograd silently drops gradients of its fused ops and returns wrong ones for `scatter`
-//! (shared/notes/candle-pitfalls.md), so every op and composed function the model uses, and the whole model in each
+//! (docs/architecture.md S10), so every op and composed function the model uses, and the whole model in each
 //! of its variants, is checked here against central differences:
 //!
 //! * op level: a random projection `Σ f(x) ⊙ w` (fixed random w) is differentiated w.r.t. every input and
@@ -24,8 +24,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+mod common;
+use common::{randn, routed_model, DEV};
+
 use anyhow::{anyhow, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -40,8 +43,6 @@ use mor::model::recursion::Subset;
 use mor::model::router::Router;
 use mor::model::token_choice::BIAS_NAME;
 use mor::model::{ForwardOptions, MorModel, RoutingTrace};
-
-const DEV: Device = Device::Cpu;
 
 /// The tensors here are tiny, so candle's per-op thread fan-out only costs: with the test harness running the tests
 /// in parallel, one thread per op is ~6× faster (48 s → 7 s on 2 cores). candle reads RAYON_NUM_THREADS at every
@@ -59,20 +60,8 @@ fn single_threaded_ops() {
 // Helpers
 // ------------------------------------------------------------------------------------------------------------------
 
-fn normal(rng: &mut StdRng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-fn randn(rng: &mut StdRng, shape: &[usize], mean: f64, std: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f64> = (0..n).map(|_| mean + std * normal(rng)).collect();
-    Ok(Tensor::from_vec(data, shape, &DEV)?)
-}
-
 fn var(rng: &mut StdRng, shape: &[usize], std: f64) -> Result<Var> {
-    Ok(Var::from_tensor(&randn(rng, shape, 0.0, std)?)?)
+    Ok(Var::from_tensor(&randn(rng, shape, 0.0, std, DType::F64)?)?)
 }
 
 fn values(t: &Tensor) -> Result<Vec<f64>> {
@@ -138,7 +127,7 @@ fn check_op(
     f: &dyn Fn() -> Result<Tensor>,
 ) -> Result<f64> {
     let out = f()?;
-    let w = randn(rng, out.dims(), 0.0, 1.0)?;
+    let w = randn(rng, out.dims(), 0.0, 1.0, DType::F64)?;
     let project = |o: &Tensor| -> Result<Tensor> { Ok((o * &w)?.sum_all()?) };
     let grads = project(&out)?.backward()?;
     let mut worst = 0.0f64;
@@ -184,9 +173,9 @@ fn tiny_cfg(extra: &str) -> Result<ModelConfig> {
 fn redraw_store(store: &ParamStore, rng: &mut StdRng, std: f64) -> Result<()> {
     for (name, v) in store.iter() {
         let t = if name.contains("norm") {
-            randn(rng, v.dims(), 1.0, 0.2)?
+            randn(rng, v.dims(), 1.0, 0.2, DType::F64)?
         } else {
-            randn(rng, v.dims(), 0.0, std)?
+            randn(rng, v.dims(), 0.0, std, DType::F64)?
         };
         v.set(&t)?;
     }
@@ -448,7 +437,7 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
         );
     }
     // Ops on positive inputs.
-    let p = Var::from_tensor(&(randn(rng, &[3, 7], 0.0, 1.0)?.abs()? + 0.5)?)?;
+    let p = Var::from_tensor(&(randn(rng, &[3, 7], 0.0, 1.0, DType::F64)?.abs()? + 0.5)?)?;
     let pt = p.as_tensor().clone();
     let positive: [(&str, Unary); 3] = [
         ("log", |t| t.log()),
@@ -559,31 +548,6 @@ fn model_json(extra: &str) -> String {
     )
 }
 
-/// A tiny f64 model with non-degenerate routers (N(0, 2²) on the first router layer; the second layer of an MLP
-/// router gets N(0, (2/√h)²) so its logits stay O(1) instead of saturating), norms at 1 + N(0, 0.2²) and, with
-/// loss-free balancing, a random bias of the size of the α-scaled probabilities (so it changes decisions).
-fn tiny_model(json: &str, seed: u64) -> Result<MorModel> {
-    let cfg = ModelConfig::from_json(json)?;
-    let model = MorModel::init(&cfg, ParamStore::with_dtype(&DEV, seed, DType::F64))?;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    for (name, v) in model.params().iter() {
-        let dims = v.dims();
-        let t = if name == BIAS_NAME {
-            randn(&mut rng, dims, 0.0, 0.03)?
-        } else if name.contains("router") && name.ends_with(".2.weight") {
-            randn(&mut rng, dims, 0.0, 2.0 / (dims[1] as f64).sqrt())?
-        } else if name.contains("router") {
-            randn(&mut rng, dims, 0.0, 2.0)?
-        } else if name.contains("norm") {
-            randn(&mut rng, dims, 1.0, 0.2)?
-        } else {
-            continue;
-        };
-        v.set(&t)?;
-    }
-    Ok(model)
-}
-
 fn ids(seed: u64, vocab: usize) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let data: Vec<u32> = (0..B * T)
@@ -622,7 +586,7 @@ struct ModelReport {
 
 /// Gradient check of `loss.total` w.r.t. every parameter tensor of the model built from `json`.
 fn check_model(label: &str, json: &str, step: usize, seed: u64) -> Result<ModelReport> {
-    let model = tiny_model(json, seed)?;
+    let model = routed_model(json, seed, DType::F64, 0.03)?;
     let ids = ids(seed + 1, model.config().vocab_size)?;
     let out = model.forward(&ids, &ForwardOptions::train(step))?;
     let base_dec = decisions(&out.routing);
@@ -927,7 +891,7 @@ fn shared_layers_are_one_parameter_and_their_gradients_sum_over_uses() -> Result
         let json = model_json(&format!(
             r#","recursion":{{"sharing":"{sharing}","num_recursion":{n}}}"#
         ));
-        let rec = tiny_model(&json, 7)?;
+        let rec = routed_model(&json, 7, DType::F64, 0.03)?;
         let layout = rec.layout().clone();
 
         // Exactly one set of parameters per unique layer, and nothing else besides embeddings and the final norm.

@@ -5,13 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::max_abs_diff;
+
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama;
 
 use mor::data::Tokenizer;
-use mor::gguf::{export_gguf, import_gguf, unpermute_qk, GgufFile};
+use mor::io::gguf::{export_gguf, import_gguf, unpermute_qk, GgufFile};
 use mor::model::{ForwardOptions, MorModel};
 use mor::ModelConfig;
 
@@ -95,19 +98,6 @@ fn logits(m: &MorModel, ids: &[u32]) -> Tensor {
         .unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// Last-position logits of candle-transformers' llama on a GGUF file, in a fresh thread so that
 /// `CANDLE_DEQUANTIZE_ALL` (read once per thread) takes effect when `dequantize` is set.
 fn reference_logits(path: &Path, ids: &[u32], dequantize: bool) -> Tensor {
@@ -164,7 +154,7 @@ fn export_import_round_trip_is_exact_and_matches_an_independent_llama() {
         let mut f = GgufFile::open(&path).unwrap();
         let cfg = f.config().unwrap();
         let store = f.params(&cfg, &Device::Cpu).unwrap();
-        let raw = mor::gguf::permute_qk(
+        let raw = mor::io::gguf::permute_qk(
             store
                 .get("model.layers.1.self_attn.q_proj.weight")
                 .unwrap()
@@ -399,12 +389,12 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     );
     assert!(nll.exp() < 20.0, "perplexity {}", nll.exp());
 
-    let params = mor::sampling::SamplingParams {
+    let params = mor::engine::sampling::SamplingParams {
         temperature: 0.0,
         max_new_tokens: 48,
         ..Default::default()
     };
-    let g = mor::generate::generate(
+    let g = mor::engine::generate::generate(
         &model,
         &tok,
         "The capital of France is",
@@ -415,7 +405,12 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     println!("greedy: The capital of France is{}", g.text);
     assert!(g.text.contains("Paris"), "{:?}", g.text);
     // Generation ends at the model's own end token (<|im_end|>, id 2 in this file), not only at id 0.
-    assert_eq!(g.finish, mor::generate::FinishReason::Eos, "{:?}", g.text);
+    assert_eq!(
+        g.finish,
+        mor::engine::generate::FinishReason::Eos,
+        "{:?}",
+        g.text
+    );
     assert!(!g.text.contains("<|im_end|>"), "{:?}", g.text);
 }
 

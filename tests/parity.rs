@@ -1,18 +1,18 @@
-//! Parity with the official PyTorch implementation: every fixture in ../shared/fixtures (see its README) must match
-//! in logits, hidden states, losses, routing decisions and gradients within the float32 tolerances of `mor::verify`.
+//! Parity with the official PyTorch implementation: every fixture in tests/fixtures (see its README) must match
+//! in logits, hidden states, losses, routing decisions and gradients within the float32 tolerances of `mor::io::verify`.
 
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
     let root = std::env::var("MOR_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
     root.join(name)
 }
 
 fn check(name: &str, must_have: &[&str]) {
     let report =
-        mor::verify::verify_reference(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        mor::io::verify::verify_reference(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     println!("{}", report.table());
     for m in must_have {
         assert!(report.row(m).is_some(), "{name}: {m} was not compared");
@@ -97,4 +97,80 @@ fn j_mor_expert_kv_sharing() {
 #[test]
 fn k_recursive_kv_sharing() {
     check("K_recursive_middle_cycle_r3_kv_share", &["logits"]);
+}
+
+/// `mor export --format official` on every fixture: the exported checkpoint holds exactly the fixture's tensors,
+/// name by name and bit for bit, and loads back (through the one model loader) to the same logits.
+#[test]
+fn official_export_round_trips_every_fixture() {
+    use candle_core::Tensor;
+    let root = fixture("");
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("meta.json").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 11, "fixtures: {names:?}");
+    for name in names {
+        let dir = fixture(&name);
+        let model = mor::io::verify::load_reference_model(&dir).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        mor::io::official::export_official(&model, out.path()).unwrap();
+        let theirs = candle_core::safetensors::load(
+            dir.join("checkpoint/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let ours = candle_core::safetensors::load(
+            out.path().join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut a: Vec<&String> = theirs.keys().collect();
+        let mut b: Vec<&String> = ours.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}: tensor names");
+        for (k, t) in &theirs {
+            let d = (t - &ours[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}: {k}");
+        }
+        let back = mor::io::load::load(out.path(), &Default::default())
+            .unwrap()
+            .model;
+        assert_eq!(back.config(), model.config(), "{name}: config");
+        let ids = Tensor::from_vec(
+            (0..24u32).map(|i| (i * 37) % 256).collect::<Vec<_>>(),
+            (1, 24),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let opts = mor::model::ForwardOptions::eval();
+        let (x, y) = (
+            model.forward(&ids, &opts).unwrap().logits,
+            back.forward(&ids, &opts).unwrap().logits,
+        );
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(
+            d.to_scalar::<f32>().unwrap(),
+            0.0,
+            "{name}: logits after the round trip"
+        );
+    }
 }

@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use mor::checkpoint::load_model;
 use mor::config::ModelConfig;
 use mor::data::{prepare_corpus, PrepareOptions, Tokenizer};
-use mor::metrics::read_metrics;
+use mor::io::checkpoint::load_model;
 use mor::model::MorModel;
+use mor::train::metrics::read_metrics;
 use mor::train::trainer::{TrainConfig, Trainer, METRICS_FILE, PLOT_FILE};
 use mor::train::{AdamWConfig, LrSchedule};
 
@@ -117,12 +117,12 @@ fn mor_learns_and_resume_is_exact() {
     }
     // The final weights are identical too.
     let a = load_model(
-        &mor::checkpoint::latest(&full).unwrap(),
+        &mor::io::checkpoint::latest(&full).unwrap(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
     let b = load_model(
-        &mor::checkpoint::latest(&split).unwrap(),
+        &mor::io::checkpoint::latest(&split).unwrap(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
@@ -197,7 +197,7 @@ fn bad_inputs_give_clear_errors() {
     // A truncated checkpoint.
     let model = MorModel::new(&tiny(""), &candle_core::Device::Cpu, 0).unwrap();
     let dir = tmp.path().join("ckpt");
-    mor::checkpoint::save_model(&dir, &model).unwrap();
+    mor::io::checkpoint::save_model(&dir, &model).unwrap();
     let f = dir.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();

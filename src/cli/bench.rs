@@ -106,14 +106,14 @@ pub enum BenchCommand {
 /// Print the forward FLOPs per token of a config or preset, or the preset names.
 pub fn run_flops(a: &FlopsArgs) -> Result<()> {
     if a.list {
-        for p in mor::presets::preset_names() {
+        for p in mor::config::presets::preset_names() {
             println!("{p}");
         }
         return Ok(());
     }
     let cfg = model_config(&a.config, &a.preset)?;
     let seq = a.seq_len.unwrap_or(cfg.max_position_embeddings);
-    println!("{}", mor::flops::forward_flops(&cfg, seq)?);
+    println!("{}", mor::config::flops::forward_flops(&cfg, seq)?);
     Ok(())
 }
 
@@ -128,7 +128,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             rounds,
             variants,
         } => {
-            let o = mor::bench::TrainBenchOptions {
+            let o = mor::bench::train::TrainBenchOptions {
                 hidden_size,
                 layers,
                 batch,
@@ -137,7 +137,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
                 variants: variants.split(',').map(|s| s.trim().to_string()).collect(),
                 ..Default::default()
             };
-            println!("{}", mor::bench::bench_train(&o)?);
+            println!("{}", mor::bench::train::bench_train(&o)?);
         }
         BenchCommand::Machine {
             hidden_size,
@@ -162,7 +162,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             }
             println!(
                 "{}",
-                mor::engine::bench::bench_machine(hidden_size, heads, vocab, &rows)?
+                mor::bench::machine::bench_machine(hidden_size, heads, vocab, &rows)?
             );
         }
         BenchCommand::Generate {
@@ -185,14 +185,14 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             let batches = list(&batches)
                 .iter()
                 .map(|b| {
-                    b.parse::<mor::engine::bench::BatchSize>()
+                    b.parse::<mor::bench::generate::BatchSize>()
                         .with_context(|| format!("--batches: {b:?}"))
                 })
                 .collect::<Result<Vec<_>>>()?;
             if !(memory_gib > 0.0 && memory_gib.is_finite()) {
                 anyhow::bail!("--memory-gib must be positive");
             }
-            let o = mor::engine::bench::GenerateBenchOptions {
+            let o = mor::bench::generate::GenerateBenchOptions {
                 hidden_size,
                 layers,
                 batches,
@@ -205,7 +205,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
                 variants: list(&variants),
                 ..Default::default()
             };
-            println!("{}", mor::engine::bench::bench_generate(&o)?);
+            println!("{}", mor::bench::generate::bench_generate(&o)?);
         }
     }
     Ok(())

@@ -2,17 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 
-use mor::data::Tokenizer;
-
-use super::{load_pretrained, open_checkpoint};
+use mor::io::load::{load, LoadOptions};
 
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json), a run directory, or a .gguf file.
-    #[arg(long)]
+    #[arg(long, visible_alias = "model")]
     pub checkpoint: PathBuf,
     /// With a .gguf checkpoint: run the matmuls on the stored quantized weights (candle's quantized matmul)
     /// instead of dequantized f32.
@@ -55,23 +53,16 @@ pub struct SamplingArgs {
 
 /// Generate from a checkpoint or GGUF file, streaming the text to stdout; returns the generated text.
 pub fn run_generate(a: &GenerateArgs) -> Result<String> {
-    let is_gguf = a.checkpoint.is_file();
-    if a.quantized && !is_gguf {
-        bail!("--quantized needs a .gguf file as --checkpoint");
-    }
-    let (model, tokenizer) = if is_gguf {
-        let (model, gguf_tok) = load_pretrained(&a.checkpoint)?;
-        let tok = match &a.tokenizer {
-            Some(p) => Tokenizer::from_file(p)?,
-            None => gguf_tok.context("the GGUF file has no tokenizer; give --tokenizer")?,
-        };
-        (model.frozen()?, tok)
-    } else {
-        let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
-        (model, Tokenizer::from_file(&tok_path)?)
+    let opts = LoadOptions {
+        tokenizer: a.tokenizer.clone(),
+        quantized: a.quantized,
+        ..Default::default()
     };
+    let mut loaded = load(&a.checkpoint, &opts)?;
+    let quantized = loaded.quantized.take();
+    let (model, tokenizer) = (&loaded.model, loaded.tokenizer()?);
     let s = &a.sampling;
-    let params = mor::sampling::SamplingParams {
+    let params = mor::engine::sampling::SamplingParams {
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,
@@ -85,17 +76,14 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
         print!("{piece}");
         let _ = std::io::stdout().flush();
     };
-    let cached = if a.quantized {
-        let weights =
-            mor::gguf::GgufFile::open(&a.checkpoint)?.quantized_weights(model.config())?;
-        Some(mor::engine::CachedModel::new(&model)?.with_quantized(weights)?)
-    } else {
-        None
+    let cached = match quantized {
+        Some(weights) => Some(mor::engine::CachedModel::new(model)?.with_quantized(weights)?),
+        None => None,
     };
     let start = std::time::Instant::now();
     let out = match &cached {
-        Some(c) => mor::generate::generate_cached(c, &tokenizer, &a.prompt, &params, emit)?,
-        None => mor::generate::generate(&model, &tokenizer, &a.prompt, &params, emit)?,
+        Some(c) => mor::engine::generate::generate_cached(c, tokenizer, &a.prompt, &params, emit)?,
+        None => mor::engine::generate::generate(model, tokenizer, &a.prompt, &params, emit)?,
     };
     let secs = start.elapsed().as_secs_f64();
     println!();

@@ -33,9 +33,9 @@ pub fn run_plot(a: &PlotArgs) -> Result<String> {
             None => (PathBuf::from(spec), spec.clone()),
         };
         let path = dir.join(mor::train::trainer::METRICS_FILE);
-        let records = mor::metrics::read_metrics(&path)
+        let records = mor::train::metrics::read_metrics(&path)
             .with_context(|| format!("reading the metrics of run {}", dir.display()))?;
-        let points = mor::metrics::metric_points(&records, &a.x, &a.metric);
+        let points = mor::train::metrics::metric_points(&records, &a.x, &a.metric);
         if points.is_empty() {
             bail!(
                 "{} has no record with both {:?} and {:?}",
@@ -44,7 +44,7 @@ pub fn run_plot(a: &PlotArgs) -> Result<String> {
                 a.metric
             );
         }
-        series.push(mor::plot::Series {
+        series.push(mor::train::plot::Series {
             name: label,
             points,
         });
@@ -53,7 +53,7 @@ pub fn run_plot(a: &PlotArgs) -> Result<String> {
         .title
         .clone()
         .unwrap_or_else(|| a.metric.replace('_', " "));
-    mor::plot::plot_curves(&a.out, &title, &a.x, &a.metric, &series)?;
+    mor::train::plot::plot_curves(&a.out, &title, &a.x, &a.metric, &series)?;
     let mut xs: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))

@@ -37,7 +37,7 @@ pub fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
     if !corpus.exists() {
         bail!("bundled corpus not found at {}", corpus.display());
     }
-    let cfg = mor::presets::preset(&a.preset)?;
+    let cfg = mor::config::presets::preset(&a.preset)?;
     let data_dir = a.out.join("data");
     let tok_path = data_dir.join("tokenizer.json");
     std::fs::create_dir_all(&data_dir)?;
@@ -73,7 +73,7 @@ pub fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
         init_from: None,
         data: data_dir.clone(),
         out: run_dir.clone(),
-        resume: mor::checkpoint::latest(&run_dir).is_some(),
+        resume: mor::io::checkpoint::latest(&run_dir).is_some(),
         steps: a.steps,
         flops_budget: None,
         flops_count: "training".into(),

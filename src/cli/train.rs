@@ -10,7 +10,7 @@ use mor::model::MorModel;
 use mor::train::trainer::{TrainConfig, Trainer};
 use mor::train::{AdamWConfig, LrSchedule};
 
-use super::{load_pretrained, model_config, parse_enum};
+use super::{load_trainable, model_config, parse_enum};
 
 /// Flags of `mor train` (also the training part of `mor uptrain`).
 #[derive(Args, Clone)]
@@ -134,7 +134,8 @@ pub fn train_config(a: &TrainArgs, cfg: &ModelConfig) -> Result<TrainConfig> {
         Some(budget) => {
             let tokens_per_step = seq_len * a.batch_size * a.grad_accum;
             let count = parse_enum("flops-count", &a.flops_count)?;
-            let n = mor::flops::steps_for_budget(cfg, seq_len, tokens_per_step, budget, count)?;
+            let n =
+                mor::config::flops::steps_for_budget(cfg, seq_len, tokens_per_step, budget, count)?;
             tracing::info!(steps = n, budget, "steps derived from the FLOPs budget");
             n
         }
@@ -187,14 +188,14 @@ pub fn run_uptrain(a: &UptrainArgs) -> Result<()> {
         run_train(&a.train)?;
         return Ok(());
     }
-    let (source, _) = load_pretrained(&a.from)?;
+    let source = load_trainable(&a.from)?;
     let mor_cfg = match a.routing.as_str() {
         "none" => None,
         "expert" => Some(mor::config::MorConfig::expert()),
         "token" => Some(mor::config::MorConfig::token()),
         other => bail!("--routing {other:?}: use none, expert or token"),
     };
-    let target = mor::uptrain::uptrain_config(
+    let target = mor::train::uptrain::uptrain_config(
         source.config(),
         parse_enum("sharing", &a.sharing)?,
         a.num_recursion,
@@ -204,7 +205,7 @@ pub fn run_uptrain(a: &UptrainArgs) -> Result<()> {
     if let Some(w) = target.layout_warning() {
         tracing::warn!("{w}");
     }
-    let model = mor::uptrain::uptrain_model(&source, &target, a.train.seed)?;
+    let model = mor::train::uptrain::uptrain_model(&source, &target, a.train.seed)?;
     println!(
         "up-trained {} -> {} ({:.2}M parameters, init {})",
         source.config().variant_name(),
@@ -214,7 +215,7 @@ pub fn run_uptrain(a: &UptrainArgs) -> Result<()> {
     );
     if a.init_only {
         let dir = a.train.out.join("init");
-        mor::checkpoint::save_model(&dir, &model)?;
+        mor::io::checkpoint::save_model(&dir, &model)?;
         println!("wrote {}", dir.display());
         return Ok(());
     }
@@ -234,7 +235,7 @@ pub fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
         )?
     } else {
         let model = match &a.init_from {
-            Some(path) => load_pretrained(path)?.0,
+            Some(path) => load_trainable(path)?,
             None => {
                 let cfg = model_config(&a.config, &a.preset)?;
                 if let Some(w) = cfg.layout_warning() {

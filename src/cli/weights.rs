@@ -6,10 +6,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use mor::data::Tokenizer;
-
-use super::open_checkpoint;
-
 #[derive(Args)]
 pub struct ImportArgs {
     /// GGUF file.
@@ -22,13 +18,14 @@ pub struct ImportArgs {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Checkpoint directory or run directory (latest checkpoint).
-    #[arg(long)]
+    /// Checkpoint directory, run directory (latest checkpoint) or .gguf file.
+    #[arg(long, visible_alias = "model")]
     pub checkpoint: PathBuf,
-    /// Output: a directory for `hf`, a file for `gguf`.
+    /// Output: a directory for `hf` and `official`, a file for `gguf`.
     #[arg(long)]
     pub out: PathBuf,
-    /// Format: hf or gguf.
+    /// Format: hf (mor's Hugging Face layout), official (the official MoR code's nested layout with its cfg
+    /// sections, for training at scale on its PyTorch stack) or gguf (vanilla models).
     #[arg(long, default_value = "hf")]
     pub format: String,
     /// tokenizer.json to include (default: the checkpoint's, if any).
@@ -38,8 +35,8 @@ pub struct ExportArgs {
 
 /// Import a GGUF file as a checkpoint directory with its tokenizer.
 pub fn run_import(a: &ImportArgs) -> Result<()> {
-    let (model, tok) = mor::gguf::import_gguf(&a.gguf, &candle_core::Device::Cpu)?;
-    mor::checkpoint::save_model(&a.out, &model)?;
+    let (model, tok) = mor::io::gguf::import_gguf(&a.gguf, &candle_core::Device::Cpu)?;
+    mor::io::checkpoint::save_model(&a.out, &model)?;
     tok.save(a.out.join("tokenizer.json"))?;
     println!(
         "imported {} ({:.2}M parameters, vocabulary {}) to {}",
@@ -53,20 +50,30 @@ pub fn run_import(a: &ImportArgs) -> Result<()> {
 
 /// Export a checkpoint in the Hugging Face layout or as GGUF.
 pub fn run_export(a: &ExportArgs) -> Result<()> {
-    let (model, tok_path) = open_checkpoint(&a.checkpoint, &a.tokenizer)?;
-    let tok = tok_path
-        .exists()
-        .then(|| Tokenizer::from_file(&tok_path))
-        .transpose()?;
+    let opts = mor::io::load::LoadOptions {
+        tokenizer: a.tokenizer.clone(),
+        ..Default::default()
+    };
+    let mor::io::load::LoadedModel {
+        model,
+        tokenizer: tok,
+        ..
+    } = mor::io::load::load(&a.checkpoint, &opts)?;
     match a.format.as_str() {
         "hf" => {
-            mor::checkpoint::save_model(&a.out, &model)?;
+            mor::io::checkpoint::save_model(&a.out, &model)?;
             if let Some(t) = &tok {
                 t.save(a.out.join("tokenizer.json"))?;
             }
         }
-        "gguf" => mor::gguf::export_gguf(&model, tok.as_ref(), &a.out)?,
-        other => bail!("--format {other:?}: use hf or gguf"),
+        "official" => {
+            mor::io::official::export_official(&model, &a.out)?;
+            if let Some(t) = &tok {
+                t.save(a.out.join("tokenizer.json"))?;
+            }
+        }
+        "gguf" => mor::io::gguf::export_gguf(&model, tok.as_ref(), &a.out)?,
+        other => bail!("--format {other:?}: use hf, official or gguf"),
     }
     println!("wrote {}", a.out.display());
     Ok(())
@@ -74,7 +81,7 @@ pub fn run_export(a: &ExportArgs) -> Result<()> {
 
 /// Compare the model against a reference directory made with the official code; an error beyond tolerance.
 pub fn run_verify(reference: &std::path::Path) -> Result<()> {
-    let report = mor::verify::verify_reference(reference)?;
+    let report = mor::io::verify::verify_reference(reference)?;
     print!("{}", report.table());
     if !report.passed() {
         bail!("deviations beyond tolerance");

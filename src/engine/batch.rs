@@ -1,4 +1,4 @@
-//! Continuous batching (paper §3.3, App. E; spec §4): a queue of requests, a fixed number of slots, and a step that
+//! Continuous batching (paper §3.3, App. E; docs/architecture.md S7): a queue of requests, a fixed number of slots, and a step that
 //! advances the running sequences.
 //!
 //! Synchronous mode (default): each step feeds, in one [`CachedModel::step`], the prompt of every newly admitted
@@ -22,11 +22,11 @@ use candle_core::DType;
 
 use crate::data::Tokenizer;
 use crate::engine::cache::{recursion_block, SeqKv};
-use crate::engine::forward::{CachedModel, StepOptions};
 use crate::engine::pipeline::Flight;
+use crate::engine::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
+use crate::engine::step::{CachedModel, StepOptions};
 use crate::error::{MorError, Result};
 use crate::model::MorModel;
-use crate::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
 
 /// Settings of an [`Engine`].
 #[derive(Debug, Clone)]

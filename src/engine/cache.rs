@@ -1,4 +1,4 @@
-//! Per-sequence KV caches (spec §3), with memory accounted in bytes.
+//! Per-sequence KV caches (docs/architecture.md S6), with memory accounted in bytes.
 //!
 //! A sequence owns one [`LayerKv`] per unrolled layer. Which tokens a layer stores decides the caching scheme:
 //! - vanilla and recursive models: every token, in every layer;
@@ -10,6 +10,7 @@
 //! Entries are rotated keys and values in f32, row-major [len, n_kv, head_dim], appended in position order, so
 //! "keys visible to a query at position p" is always a prefix of the cache.
 
+use crate::error::{MorError, Result};
 use crate::model::MorModel;
 
 /// The cached keys and values of one unrolled layer of one sequence.
@@ -63,6 +64,8 @@ impl LayerKv {
 pub struct SeqKv {
     pub(crate) layers: Vec<LayerKv>,
     pub(crate) seq_len: usize,
+    /// n_kv·head_dim of the model it was made for: one cached row.
+    row: usize,
 }
 
 impl SeqKv {
@@ -71,7 +74,22 @@ impl SeqKv {
         SeqKv {
             layers: vec![LayerKv::default(); model.layout().num_layers()],
             seq_len: 0,
+            row: kv_row(model),
         }
+    }
+
+    /// An error unless this cache was made for a model of `model`'s shape (same unrolled layers and K/V width):
+    /// the engine indexes its layers and rows directly.
+    pub fn check_fits(&self, model: &MorModel) -> Result<()> {
+        let (layers, row) = (model.layout().num_layers(), kv_row(model));
+        if self.layers.len() != layers || self.row != row {
+            return Err(MorError::Request(format!(
+                "a KV cache for {} layers of K/V width {} used with a model of {layers} layers of width {row}",
+                self.layers.len(),
+                self.row
+            )));
+        }
+        Ok(())
     }
 
     /// Tokens consumed so far (the position of the next token).
@@ -79,9 +97,9 @@ impl SeqKv {
         self.seq_len
     }
 
-    /// The cache of unrolled layer `i`.
-    pub fn layer(&self, i: usize) -> &LayerKv {
-        &self.layers[i]
+    /// The cache of unrolled layer `i`, if the model has that layer.
+    pub fn layer(&self, i: usize) -> Option<&LayerKv> {
+        self.layers.get(i)
     }
 
     /// Number of unrolled layers.
@@ -94,10 +112,24 @@ impl SeqKv {
         self.layers.iter().map(LayerKv::bytes).sum()
     }
 
-    /// K/V bytes of the layers in `range` (e.g. [`crate::config::Layout`]'s recursion block).
+    /// K/V bytes of the layers in `range` (e.g. [`crate::config::Layout`]'s recursion block); layers past the
+    /// model's last count as empty.
     pub fn bytes_in(&self, range: std::ops::Range<usize>) -> usize {
-        self.layers[range].iter().map(LayerKv::bytes).sum()
+        self.layers
+            .iter()
+            .take(range.end)
+            .skip(range.start)
+            .map(LayerKv::bytes)
+            .sum()
     }
+}
+
+/// n_kv·head_dim of `model`: the width of one cached key or value row.
+fn kv_row(model: &MorModel) -> usize {
+    model.layers().first().map_or(0, |l| {
+        let (_, kv, hd) = l.attn.dims();
+        kv * hd
+    })
 }
 
 /// The unrolled layers of the recursion block of `model` (all layers for a vanilla model), the part of the cache the

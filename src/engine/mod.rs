@@ -1,21 +1,25 @@
 //! Fast inference: KV caches, KV-cached depth-wise batched decoding and a continuous-batching engine
-//! (paper §2.2.2, §3.3, App. E; spec §3, §4).
+//! (paper §2.2.2, §3.3, App. E).
 //!
 //! - [`cache`]: per-sequence, per-layer K/V caches (recursion-wise caching or recursive KV sharing), in bytes.
-//! - [`forward`]: [`CachedModel::step`], prefill and decode over many sequences at once, with the causal routing
-//!   rule of full-sequence causal forwards (spec §10.4), so both give the same logits.
+//! - [`kernels`]: the f32 row kernels (RMSNorm, RoPE, attention over per-sequence caches, matmuls).
+//! - [`step`]: [`CachedModel::step`], prefill and decode over many sequences at once, with the causal routing rule
+//!   of full-sequence causal forwards, so both give the same logits.
 //! - [`pipeline`]: [`CachedModel::pipeline_step`], the paper's asynchronous depth-wise batching: one shared-block
 //!   call per step over tokens at every recursion depth.
 //! - [`batch`]: [`Engine`], a queue of requests with continuous (sequence- or depth-wise) batching.
-//! - [`bench`](mod@bench): `mor bench generate` and `mor bench machine`.
+//! - [`generate`], [`sampling`]: single-prompt generation and the samplers.
 
 pub mod batch;
-pub mod bench;
 pub mod cache;
-pub mod forward;
+pub mod generate;
+pub mod kernels;
 pub mod pipeline;
+pub mod sampling;
+pub mod step;
 
 pub use batch::{Engine, EngineOptions, EngineStats, Finish, Finished, RequestId};
 pub use cache::{LayerKv, SeqKv};
-pub use forward::{num_threads, pin_thread_count, CachedModel, StepOptions, StepOutput};
+pub use kernels::{num_threads, pin_thread_count};
 pub use pipeline::{Flight, PipelineOutput};
+pub use step::{CachedModel, StepOptions, StepOutput};

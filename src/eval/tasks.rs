@@ -98,7 +98,7 @@ impl Task {
             })
     }
 
-    /// The metric the paper reports for this task (spec §5: acc_norm except LAMBADA, WinoGrande and MMLU).
+    /// The metric the paper reports for this task (docs/architecture.md S8acc_norm except LAMBADA, WinoGrande and MMLU).
     pub fn paper_metric(self) -> &'static str {
         match self {
             Task::Lambada | Task::Winogrande | Task::Mmlu => "acc",

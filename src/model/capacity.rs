@@ -1,6 +1,6 @@
-//! Capacity and top-k selection for expert-choice routing (paper §2.2.1, spec §10.6).
+//! Capacity and top-k selection for expert-choice routing (paper §2.2.1, docs/architecture.md S3).
 
-/// Number of tokens recursion r keeps: `k = max(1, ⌊cap · T⌋)` with T the full sequence length (spec §10.6).
+/// Number of tokens recursion r keeps: `k = max(1, ⌊cap · T⌋)` with T the full sequence length (docs/architecture.md S3).
 pub fn top_k(capacity: f64, seq_len: usize) -> usize {
     ((capacity * seq_len as f64) as usize).clamp(1, seq_len.max(1))
 }
@@ -15,7 +15,7 @@ pub fn warmed_capacity(target: f64, step: usize, warmup: usize) -> f64 {
 }
 
 /// Indices (into `scores`) of the k largest scores, in ascending index order so causal order is kept
-/// (spec §2.1 step 3). Ties go to the lower index.
+/// (docs/architecture.md S3). Ties go to the lower index.
 pub fn select_top_k(scores: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));

@@ -3,18 +3,17 @@
 //! At recursion r a router scores the tokens that survived recursion r−1 (hierarchical filtering), keeps the top-k
 //! of each sequence (or, causally, those above a threshold), runs the shared block on them and adds the gated block
 //! output: H ← H + g·Block(H). `Block(H)` already contains the residual, so a selected token becomes
-//! (1+g)·H + g·Δ (spec §7.3 quirk 1, followed as decided in spec §10.1).
+//! (1+g)·H + g·Δ (docs/architecture.md S3).
 
 use candle_core::{DType, Tensor};
 
-use crate::config::{
-    DecodeRule, ExpertChoiceConfig, ExpertRouterFunc, Gating, ModelConfig, Sampling,
-};
+use crate::config::{DecodeRule, ExpertChoiceConfig, ExpertRouterFunc, ModelConfig, Sampling};
 use crate::error::Result;
-use crate::model::capacity::{select_top_k, top_k, warmed_capacity};
+use crate::model::capacity::{top_k, warmed_capacity};
 use crate::model::params::ParamStore;
 use crate::model::recursion::Subset;
 use crate::model::router::Router;
+use crate::model::routing;
 
 /// How tokens are chosen at each recursion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +24,7 @@ pub enum RouteMode {
         /// Training step, if training.
         step: Option<usize>,
     },
-    /// The causal decode rule of the config (spec §10.4): each token decides from its own router output only.
+    /// The causal decode rule of the config (docs/architecture.md S5): each token decides from its own router output only.
     Causal,
 }
 
@@ -44,6 +43,28 @@ pub struct ExpertStep {
     pub chosen: Vec<bool>,
     /// Gate applied to each chosen token `[N_sel]`.
     pub gates: Tensor,
+}
+
+/// The causal decision of one recursion ([`ExpertChoice::causal_decision`]).
+#[derive(Debug, Clone)]
+pub struct CausalDecision {
+    /// For each candidate, whether it goes on to this recursion.
+    pub chosen: Vec<bool>,
+    /// σ(decode-rule logit) of each candidate: what the threshold was compared with.
+    pub probs: Vec<f32>,
+}
+
+/// The result of [`ExpertChoice::forward`].
+#[derive(Debug, Clone)]
+pub struct ExpertForward {
+    /// The residual stream after the last recursion, [B·T, d].
+    pub x: Tensor,
+    /// What each recursion decided.
+    pub steps: Vec<ExpertStep>,
+    /// The auxiliary losses.
+    pub losses: RouterLosses,
+    /// The residual stream after each recursion.
+    pub outputs: Vec<Tensor>,
 }
 
 /// The auxiliary losses and metrics of one forward.
@@ -136,28 +157,34 @@ impl ExpertChoice {
         Ok(router.forward(&(x / self.temp)?)?.squeeze(1)?)
     }
 
-    /// The causal decision of recursion r for rows `x` [N, d] (spec §10.4): a recursion at full capacity keeps
-    /// every token; otherwise a token continues iff σ(logit) ≥ threshold of the configured router.
-    pub fn causal_decision(&self, r: usize, x: &Tensor, main_logits: &Tensor) -> Result<Vec<bool>> {
-        if self.capacities[r] >= 1.0 {
-            return Ok(vec![true; x.dim(0)?]);
-        }
+    /// α·G(logit): the gate of each candidate (paper Eq. 2.1), as a tensor of the logits' shape.
+    pub fn gates(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok((self.activate(logits)? * self.cfg.alpha)?)
+    }
+
+    /// The causal decision of recursion r for the candidate rows `x` [N, d] whose main-router logits are
+    /// `main_logits` ([`routing::causal_keep`] on σ of the decode rule's logits: the main router's, or the auxiliary
+    /// router's). `thresholds`, when given, replaces the rule's threshold per recursion (routers calibrated to a
+    /// target depth distribution, as in `mor bench generate`); a recursion at capacity ≥ 1 still keeps every token.
+    pub fn causal_decision(
+        &self,
+        r: usize,
+        x: &Tensor,
+        main_logits: &Tensor,
+        thresholds: Option<&[f64]>,
+    ) -> Result<CausalDecision> {
         let (logits, threshold) = match self.cfg.decode_rule {
             DecodeRule::Threshold { threshold } => (main_logits.clone(), threshold),
             DecodeRule::AuxRouter { threshold } => (self.logits(r, &x.detach(), true)?, threshold),
         };
-        let p: Vec<f32> = candle_nn::ops::sigmoid(&logits)?
+        let probs: Vec<f32> = candle_nn::ops::sigmoid(&logits)?
             .to_dtype(DType::F32)?
             .to_vec1()?;
-        Ok(p.iter().map(|&v| f64::from(v) >= threshold).collect())
-    }
-
-    /// Gate multiplier of chosen tokens ([N_sel, 1]), or `None` for additive gating.
-    fn gate_factor(&self, gates: &Tensor) -> Result<Option<Tensor>> {
-        Ok(match self.cfg.gating {
-            Gating::Weighted => Some(gates.unsqueeze(1)?),
-            Gating::Additive => None,
-        })
+        let threshold = thresholds
+            .and_then(|t| t.get(r).copied())
+            .unwrap_or(threshold);
+        let chosen = routing::causal_keep(&probs, threshold, self.capacities[r] >= 1.0);
+        Ok(CausalDecision { chosen, probs })
     }
 
     /// Route `x` ([B·T, d], flat) through all recursions. `block(r, x, subset)` runs recursion r's shared layers on
@@ -169,7 +196,7 @@ impl ExpertChoice {
         t: usize,
         mode: RouteMode,
         block: &mut dyn FnMut(usize, &Tensor, &Subset) -> Result<Tensor>,
-    ) -> Result<(Tensor, Vec<ExpertStep>, RouterLosses, Vec<Tensor>)> {
+    ) -> Result<ExpertForward> {
         let dev = x.device().clone();
         let mut x = x;
         let mut candidates = Subset::full(b, t);
@@ -180,24 +207,15 @@ impl ExpertChoice {
             let cand_idx = Tensor::from_vec(candidates.flat(), candidates.count(), &dev)?;
             let xc = x.index_select(&cand_idx, 0)?;
             let logits = self.logits(r, &xc, false)?;
-            let probs = (self.activate(&logits)? * self.cfg.alpha)?;
+            let probs = self.gates(&logits)?;
             let chosen = match mode {
                 RouteMode::TopK { step } => {
                     let k = top_k(self.capacity(r, step), t);
                     // Decided in f32 whatever the model dtype (an f64 model routes like its f32 twin).
                     let p: Vec<f32> = probs.to_dtype(DType::F32)?.to_vec1()?;
-                    let mut chosen = vec![false; p.len()];
-                    let mut off = 0;
-                    for row in &candidates.rows {
-                        let n = row.len();
-                        for i in select_top_k(&p[off..off + n], k.min(n)) {
-                            chosen[off + i] = true;
-                        }
-                        off += n;
-                    }
-                    chosen
+                    routing::top_k_per_sequence(&p, candidates.rows.iter().map(Vec::len), k)
                 }
-                RouteMode::Causal => self.causal_decision(r, &xc, &logits)?,
+                RouteMode::Causal => self.causal_decision(r, &xc, &logits, None)?.chosen,
             };
             let selected = candidates.filter(&chosen);
             let local: Vec<u32> = (0..chosen.len() as u32)
@@ -206,7 +224,7 @@ impl ExpertChoice {
             let n_sel = local.len();
             let gates = probs.index_select(&Tensor::from_vec(local, n_sel, &dev)?, 0)?;
 
-            // Auxiliary objectives that teach a causal decision (paper §2.2.1, spec §2.1 "Causality fixes").
+            // Auxiliary objectives that teach a causal decision (paper §2.2.1, docs/architecture.md S3).
             let targets = Tensor::from_vec(
                 chosen
                     .iter()
@@ -228,18 +246,14 @@ impl ExpertChoice {
                     losses.aux_router = Some(add_opt(losses.aux_router.take(), l)?);
                 }
                 if self.z_loss {
-                    // logsumexp over a single logit is the logit itself (spec §2.1 "Router z-loss").
+                    // logsumexp over a single logit is the logit itself (docs/architecture.md S3).
                     let l = logits.sqr()?.mean_all()?;
                     losses.z = Some(add_opt(losses.z.take(), l)?);
                 }
             }
 
             if n_sel > 0 {
-                let out = block(r, &x, &selected)?;
-                let upd = match self.gate_factor(&gates)? {
-                    Some(g) => out.broadcast_mul(&g)?,
-                    None => out,
-                };
+                let upd = routing::apply_gate(self.cfg.gating, block(r, &x, &selected)?, &gates)?;
                 let sel_idx = Tensor::from_vec(selected.flat(), n_sel, &dev)?;
                 x = x.index_add(&sel_idx, &upd, 0)?;
             }
@@ -254,7 +268,12 @@ impl ExpertChoice {
             candidates = selected;
             outputs.push(x.clone());
         }
-        Ok((x, steps, losses, outputs))
+        Ok(ExpertForward {
+            x,
+            steps,
+            losses,
+            outputs,
+        })
     }
 }
 

@@ -1,7 +1,7 @@
-//! The Llama decoder layer (spec §1.1): pre-RMSNorm, GQA attention with RoPE, SwiGLU MLP, no biases.
+//! The Llama decoder layer (docs/architecture.md S1): pre-RMSNorm, GQA attention with RoPE, SwiGLU MLP, no biases.
 //!
 //! Every op here is composed from primitives whose gradients were checked (`tests/gradcheck.rs`): candle's fused
-//! `rms_norm`, `softmax_last_dim` and `rope` drop gradients silently (shared/notes/candle-pitfalls.md).
+//! `rms_norm`, `softmax_last_dim` and `rope` drop gradients silently (docs/architecture.md S10).
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -314,7 +314,7 @@ impl DecoderLayer {
 
 /// Additive attention mask [B, 1, nq, nk]: query i may see key j iff `k_pos[j] <= q_pos[i]` and key j is valid, or
 /// j == i (so padding rows never see an empty set). Positions are original sequence positions, which keeps
-/// attention causal for any sorted subset of tokens (spec §2.1 step 4).
+/// attention causal for any sorted subset of tokens (docs/architecture.md S3).
 pub fn position_mask(
     q_pos: &[Vec<u32>],
     q_valid: &[usize],

@@ -9,7 +9,7 @@ pub mod layers;
 pub mod params;
 pub mod recursion;
 pub mod router;
-pub mod sharing;
+pub mod routing;
 pub mod token_choice;
 
 use std::collections::HashMap;
@@ -70,7 +70,7 @@ impl ForwardOptions {
             hidden_states: false,
         }
     }
-    /// Full-sequence evaluation with the causal rule used by generation (spec §10.4).
+    /// Full-sequence evaluation with the causal rule used by generation (docs/architecture.md S5).
     pub fn causal() -> Self {
         ForwardOptions {
             mode: RouteMode::Causal,
@@ -122,7 +122,7 @@ pub struct MorModel {
 }
 
 impl MorModel {
-    /// A freshly initialised model (spec §1.1: N(0, initializer_range), norms at 1), reproducible from `seed`.
+    /// A freshly initialised model (docs/architecture.md S1: N(0, initializer_range), norms at 1), reproducible from `seed`.
     pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
         Self::init(cfg, ParamStore::new(device, seed))
     }
@@ -267,7 +267,7 @@ impl MorModel {
         self.norm.forward(h)
     }
 
-    /// The unrolled layer whose K/V recursion-depth layer `idx` reads under recursive KV sharing (spec §3,
+    /// The unrolled layer whose K/V recursion-depth layer `idx` reads under recursive KV sharing (docs/architecture.md S6,
     /// `RecursiveDynamicCache`): layers of recursions ≥ 1 read the matching layer of recursion 0.
     pub fn kv_source_layer(&self, idx: usize) -> usize {
         let (p, bd) = (self.layout.prefix, self.layout.base_depth);
@@ -351,28 +351,24 @@ impl MorModel {
                 (x, RoutingTrace::None, RouterLosses::default())
             }
             Routing::Expert(ec) => {
-                let (x, steps, losses, per_recursion) =
-                    ec.forward(x, b, t, opts.mode, &mut |r, x, s| {
-                        run(self.layout.recursion_layers(r), x, s, &mut kv_slots)
-                    })?;
+                let f = ec.forward(x, b, t, opts.mode, &mut |r, x, s| {
+                    run(self.layout.recursion_layers(r), x, s, &mut kv_slots)
+                })?;
                 // The output of the last recursion is recorded below, like every other module output.
-                for h in per_recursion
-                    .iter()
-                    .take(per_recursion.len().saturating_sub(1))
-                {
+                for h in f.outputs.iter().take(f.outputs.len().saturating_sub(1)) {
                     keep(&mut hidden, h)?;
                 }
-                (x, RoutingTrace::Expert(steps), losses)
+                (f.x, RoutingTrace::Expert(f.steps), f.losses)
             }
             Routing::Token(tc) => {
                 let step = match opts.mode {
                     RouteMode::TopK { step } => step,
                     RouteMode::Causal => None,
                 };
-                let (x, trace, losses) = tc.forward(x, b, t, step, &mut |r, x, s| {
+                let f = tc.forward(x, b, t, step, &mut |r, x, s| {
                     run(self.layout.recursion_layers(r), x, s, &mut kv_slots)
                 })?;
-                (x, RoutingTrace::Token(trace), losses)
+                (f.x, RoutingTrace::Token(f.trace), f.losses)
             }
         };
         let mut x = x_mid;
@@ -420,6 +416,11 @@ impl MorModel {
         num_items: usize,
     ) -> Result<LossBreakdown> {
         let (b, t) = ids.dims2()?;
+        if t < 2 {
+            return Err(MorError::Request(format!(
+                "the language-model loss needs sequences of at least 2 tokens, got {t}"
+            )));
+        }
         let v = self.cfg.vocab_size;
         let logits = out.logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
         let targets = ids

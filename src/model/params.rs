@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{MorError, Result};
 
-/// How a freshly created parameter is initialised (spec §1.1: HF `_init_weights`).
+/// How a freshly created parameter is initialised (docs/architecture.md S1: HF `_init_weights`).
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
     /// N(0, std²).

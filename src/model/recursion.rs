@@ -1,4 +1,4 @@
-//! One recursion step: the shared block applied to the tokens active at a depth (spec §2.1 step 4).
+//! One recursion step: the shared block applied to the tokens active at a depth (docs/architecture.md S3).
 //!
 //! The active tokens of each sequence are gathered into a packed sub-sequence (ascending original positions, padded
 //! at the end to the longest row), run through the block with causal attention among themselves at their original
@@ -105,7 +105,7 @@ impl Subset {
 pub enum BlockKv<'a> {
     /// Each layer computes K/V of the active tokens (recursion-wise caching).
     Own,
-    /// Each layer reuses full-sequence K/V (recursive KV sharing, spec §3).
+    /// Each layer reuses full-sequence K/V (recursive KV sharing, docs/architecture.md S6).
     Shared(&'a [KeyValue]),
     /// Hybrid "†": full-sequence K/V with the active positions overwritten by fresh K/V.
     SharedUpdate(&'a [KeyValue]),

@@ -1,4 +1,4 @@
-//! Router networks (official `model/mor_model/util.py`, spec §2.1 "Router architectures"): a linear map, or a
+//! Router networks (official `model/mor_model/util.py`, docs/architecture.md S3): a linear map, or a
 //! two-layer MLP with exact-erf GELU, both without biases.
 
 use candle_core::Tensor;

@@ -2,17 +2,18 @@
 //!
 //! A router reads H¹ (the output of the first unique layer) once and sends each token to one expert i, i.e. i+1
 //! recursions. Recursion r runs the tokens with i ≥ r; a continuing token feeds the un-gated block output forward
-//! (official code; Eq. 2.2 gates every step, spec §7.3 quirk 7) and a finishing token ends as H¹ + g·Block_r(…).
+//! (official code; Eq. 2.2 gates every step, docs/architecture.md S4) and a finishing token ends as H¹ + g·Block_r(…).
 
 use candle_core::{DType, Tensor, D};
 
-use crate::config::{Balancing, Gating, ModelConfig, TokenChoiceConfig, TokenRouterFunc};
+use crate::config::{Balancing, ModelConfig, TokenChoiceConfig, TokenRouterFunc};
 use crate::error::Result;
 use crate::model::expert_choice::RouterLosses;
 use crate::model::layers::softmax_last;
 use crate::model::params::{Init, ParamStore};
 use crate::model::recursion::Subset;
 use crate::model::router::Router;
+use crate::model::routing;
 
 /// Parameter name of the loss-free balancing bias (a buffer: updated by the trainer, never by gradients).
 pub const BIAS_NAME: &str = "model.router_bias";
@@ -30,6 +31,30 @@ pub struct TokenTrace {
     pub gate: Tensor,
     /// Tokens per expert.
     pub counts: Vec<usize>,
+}
+
+/// The routing decision of [`TokenChoice::route`] for a set of rows.
+#[derive(Debug, Clone)]
+pub struct TokenRoute {
+    /// Raw router logits [N, N_r].
+    pub logits: Tensor,
+    /// α-scaled probabilities [N, N_r] (no bias).
+    pub probs: Tensor,
+    /// Chosen expert per row (0-based; expert i runs i+1 recursions).
+    pub expert: Vec<u32>,
+    /// Gate of each row: the unbiased probability of its expert [N].
+    pub gate: Tensor,
+}
+
+/// The result of [`TokenChoice::forward`].
+#[derive(Debug, Clone)]
+pub struct TokenForward {
+    /// H¹ plus each token's gated output of its last recursion, [B·T, d].
+    pub x: Tensor,
+    /// What the router decided.
+    pub trace: TokenTrace,
+    /// The auxiliary losses.
+    pub losses: RouterLosses,
 }
 
 /// The token-choice router and its balancing state.
@@ -65,11 +90,7 @@ impl TokenChoice {
     /// The routing decision for the rows of H¹ (`x`, [N, d]): raw logits [N, N_r], α-scaled probabilities, the chosen
     /// expert per row (argmax of probabilities plus the loss-free bias) and its gate (the unbiased probability).
     /// Each row is decided from itself alone, so this is causal; the KV-cached engine calls it per new token.
-    pub fn route(
-        &self,
-        x: &Tensor,
-        step: Option<usize>,
-    ) -> Result<(Tensor, Tensor, Vec<u32>, Tensor)> {
+    pub fn route(&self, x: &Tensor, step: Option<usize>) -> Result<TokenRoute> {
         let n = x.dim(0)?;
         let logits = self.router.forward(&(x / self.temp)?)?;
         let probs = (match self.cfg.router_func {
@@ -88,7 +109,12 @@ impl TokenChoice {
         };
         let expert_t = Tensor::from_vec(expert.clone(), (n, 1), x.device())?;
         let gate = probs.gather(&expert_t, 1)?.squeeze(1)?;
-        Ok((logits, probs, expert, gate))
+        Ok(TokenRoute {
+            logits,
+            probs,
+            expert,
+            gate,
+        })
     }
 
     /// Route H¹ (`x`, [B·T, d] flat) through the recursions; `block(r, x, subset)` runs recursion r's layers.
@@ -100,9 +126,14 @@ impl TokenChoice {
         t: usize,
         step: Option<usize>,
         block: &mut dyn FnMut(usize, &Tensor, &Subset) -> Result<Tensor>,
-    ) -> Result<(Tensor, TokenTrace, RouterLosses)> {
+    ) -> Result<TokenForward> {
         let dev = x.device().clone();
-        let (logits, probs, expert, gate) = self.route(&x, step)?;
+        let TokenRoute {
+            logits,
+            probs,
+            expert,
+            gate,
+        } = self.route(&x, step)?;
         let mut counts = vec![0usize; self.n_r];
         for &e in &expert {
             counts[e as usize] += 1;
@@ -117,32 +148,27 @@ impl TokenChoice {
                 break;
             }
             let y = block(r, &cur, &active)?;
-            let flat = active.flat();
-            let finishing: Vec<bool> = flat
-                .iter()
-                .map(|&f| expert[f as usize] as usize == r)
-                .collect();
-            let fin_local: Vec<u32> = (0..flat.len() as u32)
-                .filter(|&i| finishing[i as usize])
-                .collect();
+            let flat: Vec<usize> = active.flat().iter().map(|&f| f as usize).collect();
+            let (fin_local, cont_local) = routing::token_choice_exits(&expert, &flat, r);
             if !fin_local.is_empty() {
-                let n = fin_local.len();
-                let fin_global: Vec<u32> = fin_local.iter().map(|&i| flat[i as usize]).collect();
-                let fin_global = Tensor::from_vec(fin_global, n, &dev)?;
-                let y_fin = y.index_select(&Tensor::from_vec(fin_local, n, &dev)?, 0)?;
-                let upd = match self.cfg.gating {
-                    Gating::Weighted => {
-                        y_fin.broadcast_mul(&gate.index_select(&fin_global, 0)?.unsqueeze(1)?)?
-                    }
-                    Gating::Additive => y_fin,
-                };
-                out = out.index_add(&fin_global, &upd, 0)?;
+                let fin_global: Vec<usize> = fin_local.iter().map(|&i| flat[i]).collect();
+                let fin_global = index_tensor(&fin_global, &dev)?;
+                let y_fin = y.index_select(&index_tensor(&fin_local, &dev)?, 0)?;
+                let gates = gate.index_select(&fin_global, 0)?;
+                out = out.index_add(
+                    &fin_global,
+                    &routing::apply_gate(self.cfg.gating, y_fin, &gates)?,
+                    0,
+                )?;
             }
-            let continuing: Vec<bool> = finishing.iter().map(|f| !f).collect();
-            if r + 1 < self.n_r && continuing.iter().any(|&c| c) {
+            if r + 1 < self.n_r && !cont_local.is_empty() {
                 // Continuing tokens carry the un-gated block output: overwrite their rows of `cur`.
-                let idx = Tensor::from_vec(flat.clone(), flat.len(), &dev)?;
+                let idx = index_tensor(&flat, &dev)?;
                 cur = cur.index_add(&idx, &(y - cur.index_select(&idx, 0)?)?, 0)?;
+            }
+            let mut continuing = vec![false; flat.len()];
+            for &i in &cont_local {
+                continuing[i] = true;
             }
             active = active.filter(&continuing);
         }
@@ -176,7 +202,11 @@ impl TokenChoice {
             gate,
             counts,
         };
-        Ok((out, trace, losses))
+        Ok(TokenForward {
+            x: out,
+            trace,
+            losses,
+        })
     }
 
     /// Loss-free balancing update after an optimizer step (Wang et al. 2024; official trainer):
@@ -217,4 +247,10 @@ impl TokenChoice {
     pub fn config(&self) -> &TokenChoiceConfig {
         &self.cfg
     }
+}
+
+/// Row indices as a u32 index tensor.
+fn index_tensor(idx: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    Ok(Tensor::from_vec(v, idx.len(), dev)?)
 }

@@ -1,8 +1,11 @@
-//! Training infrastructure that does not depend on the model: optimizer, clipping and LR schedules.
+//! Training: AdamW, clipping and LR schedules, the trainer, up-training from pretrained models, metrics and plots.
 
+pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
+pub mod uptrain;
 
 pub use optim::{clip_grad_norm, decay_by_name, AdamW, AdamWConfig, NamedParam};
 pub use schedule::LrSchedule;

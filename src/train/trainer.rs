@@ -1,8 +1,7 @@
-//! The pretraining loop (spec §5): packed sequences, AdamW with a WSD/cosine schedule, gradient clipping and
+//! The pretraining loop (docs/architecture.md S8): packed sequences, AdamW with a WSD/cosine schedule, gradient clipping and
 //! accumulation, the MoR auxiliary losses, loss-free bias updates, periodic held-out loss, metrics as JSONL,
 //! atomic checkpoints and exact resume.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,18 +9,18 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::io::{
+use crate::data::{BatchSampler, CorpusInfo, PackedDataset, TokenFile};
+use crate::error::{MorError, Result};
+use crate::io::checkpoint::io::{
     load_safetensors, save_safetensors_atomic, write_json_atomic, CheckpointDir, OPTIMIZER_FILE,
     TRAINER_STATE_FILE,
 };
-use crate::checkpoint::{load_model, save_model};
-use crate::data::{BatchSampler, CorpusInfo, PackedDataset, TokenFile};
-use crate::error::{MorError, Result};
-use crate::metrics::{metric_points, read_metrics, truncate_after_step, MetricsWriter};
+use crate::io::checkpoint::{load_model, save_model};
 use crate::model::expert_choice::{sampling_accuracy, RouteMode};
 use crate::model::token_choice::BIAS_NAME;
 use crate::model::{ForwardOptions, MorModel, RoutingTrace};
-use crate::plot::{plot_loss_curves, Series};
+use crate::train::metrics::{metric_points, read_metrics, truncate_after_step, MetricsWriter};
+use crate::train::plot::{plot_loss_curves, Series};
 use crate::train::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, NamedParam};
 
 /// Metrics log file inside a run directory.
@@ -136,6 +135,61 @@ pub struct TrainSummary {
     pub tokens_per_sec: f64,
 }
 
+/// One record of `metrics.jsonl`: an optimizer step (or, at step 0, the untrained model's held-out loss). Fields a
+/// run does not have (routing metrics of other variants, held-out losses between evaluations) are left out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Learning rate of the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Mean LM cross-entropy per target token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// The objective, auxiliary terms included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_loss: Option<f64>,
+    /// Global gradient norm before clipping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Expert-choice auxiliary BCE (Σ over recursions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling_loss: Option<f64>,
+    /// Auxiliary-router BCE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aux_router_loss: Option<f64>,
+    /// Token-choice balancing loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balancing_loss: Option<f64>,
+    /// Router z-loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub z_loss: Option<f64>,
+    /// Expert-choice: fraction of tokens selected at each recursion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selected_fraction: Option<Vec<f64>>,
+    /// Expert-choice: agreement of the causal rule with the top-k choice (App. G.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling_acc: Option<f64>,
+    /// Token-choice: fraction of tokens per expert.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_load: Option<Vec<f64>>,
+    /// Token-choice: MaxVio of the expert load (App. G.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_vio: Option<f64>,
+    /// Training throughput of the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_sec: Option<f64>,
+    /// Held-out loss with the training-time routing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// Held-out loss with the causal routing rule (expert-choice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss_causal: Option<f64>,
+}
+
 /// A training run bound to a model, data and a run directory.
 pub struct Trainer {
     model: MorModel,
@@ -223,7 +277,7 @@ impl Trainer {
 
     /// Continue the run in `run_dir` from its latest checkpoint. `steps` may extend the run.
     pub fn resume(run_dir: &Path, data_dir: &Path, steps: Option<usize>) -> Result<Self> {
-        let ckpt = crate::checkpoint::latest(run_dir)
+        let ckpt = crate::io::checkpoint::latest(run_dir)
             .ok_or_else(|| MorError::checkpoint(run_dir, "no checkpoint to resume from"))?;
         let model = load_model(&ckpt, &candle_core::Device::Cpu)?;
         let state_path = ckpt.join(TRAINER_STATE_FILE);
@@ -311,7 +365,7 @@ impl Trainer {
             save_model(dir, &self.model)?;
             save_safetensors_atomic(&dir.join(OPTIMIZER_FILE), opt_state.iter(), None)?;
             if let Some(t) = &self.tokenizer {
-                crate::checkpoint::io::write_atomic(&dir.join(TOKENIZER_FILE), t)?;
+                crate::io::checkpoint::io::write_atomic(&dir.join(TOKENIZER_FILE), t)?;
             }
             write_json_atomic(&dir.join(TRAINER_STATE_FILE), &self.state)
         })?;
@@ -339,21 +393,19 @@ impl Trainer {
     }
 
     /// Add the held-out loss (training-time routing, and the causal decode rule for expert-choice) to `rec`.
-    fn record_held_out(&mut self, rec: &mut serde_json::Value) -> Result<()> {
-        if let Some(v) = self.evaluate(RouteMode::TopK { step: None })? {
-            rec["val_loss"] = serde_json::json!(v);
-            self.state.last_val_loss = Some(v);
+    fn record_held_out(&mut self, rec: &mut StepMetrics) -> Result<()> {
+        rec.val_loss = self.evaluate(RouteMode::TopK { step: None })?;
+        if rec.val_loss.is_some() {
+            self.state.last_val_loss = rec.val_loss;
         }
         if self.model.config().expert_choice().is_some() {
-            if let Some(v) = self.evaluate(RouteMode::Causal)? {
-                rec["val_loss_causal"] = serde_json::json!(v);
-            }
+            rec.val_loss_causal = self.evaluate(RouteMode::Causal)?;
         }
         Ok(())
     }
 
     /// One optimizer step over `grad_accum` micro-batches; returns its metrics record.
-    fn train_step(&mut self) -> Result<serde_json::Value> {
+    fn train_step(&mut self) -> Result<StepMetrics> {
         let (b, t, accum) = (
             self.train.batch_size,
             self.train.seq_len,
@@ -366,7 +418,7 @@ impl Trainer {
         let mut ce_sum = 0.0;
         let mut n_targets = 0usize;
         let mut total = 0.0;
-        let mut aux: HashMap<&'static str, f64> = HashMap::new();
+        let mut aux = [None::<f64>; 4];
         let mut counts: Vec<usize> = Vec::new();
         let mut selected: Vec<f64> = Vec::new();
         let mut sampling_acc = 0.0;
@@ -379,14 +431,12 @@ impl Trainer {
             n_targets += loss.n_targets;
             total += loss.total.to_scalar::<f32>()? as f64;
             let l = &out.router_losses;
-            for (k, v) in [
-                ("sampling_loss", &l.sampling),
-                ("aux_router_loss", &l.aux_router),
-                ("balancing_loss", &l.balancing),
-                ("z_loss", &l.z),
-            ] {
+            for (sum, v) in aux
+                .iter_mut()
+                .zip([&l.sampling, &l.aux_router, &l.balancing, &l.z])
+            {
                 if let Some(v) = v {
-                    *aux.entry(k).or_default() += v.to_scalar::<f32>()? as f64 / accum as f64;
+                    *sum.get_or_insert(0.0) += v.to_scalar::<f32>()? as f64 / accum as f64;
                 }
             }
             match &out.routing {
@@ -437,29 +487,32 @@ impl Trainer {
         self.state.step += 1;
         self.state.tokens += num_items as u64;
 
-        let mut rec = serde_json::json!({
-            "step": self.state.step,
-            "tokens": self.state.tokens,
-            "lr": lr,
-            "loss": ce_sum / n_targets.max(1) as f64,
-            "total_loss": total,
-            "grad_norm": grad_norm,
-        });
-        for (k, v) in aux {
-            rec[k] = serde_json::json!(v);
-        }
+        let [sampling_loss, aux_router_loss, balancing_loss, z_loss] = aux;
+        let mut rec = StepMetrics {
+            step: self.state.step,
+            tokens: self.state.tokens,
+            lr: Some(lr),
+            loss: Some(ce_sum / n_targets.max(1) as f64),
+            total_loss: Some(total),
+            grad_norm: Some(grad_norm),
+            sampling_loss,
+            aux_router_loss,
+            balancing_loss,
+            z_loss,
+            ..Default::default()
+        };
         if !selected.is_empty() {
-            rec["selected_fraction"] = serde_json::json!(selected);
-            rec["sampling_acc"] = serde_json::json!(sampling_acc);
+            rec.selected_fraction = Some(selected);
+            rec.sampling_acc = Some(sampling_acc);
         }
         if !counts.is_empty() {
             let n: usize = counts.iter().sum();
             let load: Vec<f64> = counts.iter().map(|&c| c as f64 / n.max(1) as f64).collect();
             let mean = 1.0 / load.len() as f64;
             let max = load.iter().cloned().fold(0.0, f64::max);
-            rec["expert_load"] = serde_json::json!(load);
             // MaxVio (App. G.2): (max load − mean load) / mean load.
-            rec["max_vio"] = serde_json::json!((max - mean) / mean);
+            rec.max_vio = Some((max - mean) / mean);
+            rec.expert_load = Some(load);
         }
         Ok(rec)
     }
@@ -493,7 +546,7 @@ impl Trainer {
         let mut last = None;
         if self.state.step == 0 && until > 0 && self.train.eval_every > 0 {
             // The untrained (or freshly up-trained) starting point, so curves of several runs can be compared.
-            let mut rec = serde_json::json!({ "step": 0, "tokens": 0 });
+            let mut rec = StepMetrics::default();
             self.record_held_out(&mut rec)?;
             self.metrics.write(&rec)?;
         }
@@ -502,7 +555,7 @@ impl Trainer {
             let mut rec = self.train_step()?;
             let dt = t0.elapsed().as_secs_f64();
             let tps = self.train.tokens_per_step() as f64 / dt.max(1e-9);
-            rec["tokens_per_sec"] = serde_json::json!(tps);
+            rec.tokens_per_sec = Some(tps);
             let step = self.state.step;
             let eval_now = step == total_steps
                 || (self.train.eval_every > 0 && step.is_multiple_of(self.train.eval_every));
@@ -516,7 +569,7 @@ impl Trainer {
             bar.set_position(step as u64);
             bar.set_message(format!(
                 "loss {:.3} · {:.0} tok/s",
-                rec["loss"].as_f64().unwrap_or(f64::NAN),
+                rec.loss.unwrap_or(f64::NAN),
                 tps
             ));
             if self.train.save_every > 0
@@ -534,11 +587,8 @@ impl Trainer {
         Ok(TrainSummary {
             steps: self.state.step,
             tokens: self.state.tokens,
-            val_loss: last
-                .get("val_loss")
-                .and_then(|v| v.as_f64())
-                .or(self.state.last_val_loss),
-            val_loss_causal: last.get("val_loss_causal").and_then(|v| v.as_f64()),
+            val_loss: last.val_loss.or(self.state.last_val_loss),
+            val_loss_causal: last.val_loss_causal,
             checkpoint,
             tokens_per_sec: (self.state.tokens - tokens_before) as f64 / secs.max(1e-9),
         })
