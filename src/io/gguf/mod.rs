@@ -11,22 +11,28 @@
 //! [`unpermute_qk`] is the inverse, [`permute_qk`] the forward map; the tests check both against an independent
 //! implementation that uses the interleaved RoPE on the permuted weights.
 //!
+//! Files: this module reads the header, config and tensors; `tokenizer.rs` rebuilds the tokenizer from
+//! `tokenizer.ggml.*` (and writes it back); `export.rs` writes GGUF files; `quantized.rs` gives the engine the stored
+//! quantized weights.
+//!
 //! Export ([`export_gguf`]) writes a vanilla model as an F32 GGUF with the same conventions (and, if given, the
 //! tokenizer), so llama.cpp-family tools can read mor checkpoints.
 
+mod export;
 mod quantized;
+mod tokenizer;
 
+pub use export::export_gguf;
 pub use quantized::{QuantizedLayer, QuantizedWeights};
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Content, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
-use serde_json::json;
 
 use crate::config::ModelConfig;
 use crate::data::Tokenizer;
@@ -65,9 +71,6 @@ const LAYER_TENSORS: [(&str, &str); 9] = [
 ];
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
-const TOKEN_TYPE_NORMAL: i32 = 1;
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 impl GgufFile {
     /// Parse the header of `path` and check that every tensor's data lies inside the file (so a truncated download
@@ -364,108 +367,6 @@ impl GgufFile {
             other => other,
         })
     }
-
-    /// The tokenizer described by `tokenizer.ggml.*` as a Hugging Face `tokenizer.json` value (GPT-2 byte-level BPE
-    /// only; `tokenizer.ggml.pre` selects the pre-tokenizer as llama.cpp does).
-    pub fn tokenizer_json(&self) -> Result<serde_json::Value> {
-        let model = self.string("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(self.err(format!(
-                "tokenizer.ggml.model = {model:?}: only GPT-2 byte-level BPE (\"gpt2\") is supported"
-            )));
-        }
-        let tokens = self.array("tokenizer.ggml.tokens")?;
-        let merges = self.array("tokenizer.ggml.merges")?;
-        let types: Vec<i32> = match self.content.metadata.get("tokenizer.ggml.token_type") {
-            Some(_) => self
-                .array("tokenizer.ggml.token_type")?
-                .iter()
-                .map(|v| match v {
-                    Value::I32(x) => Ok(*x),
-                    other => value_as_u64(other)
-                        .map(|x| x as i32)
-                        .ok_or_else(|| self.err("tokenizer.ggml.token_type: expected integers")),
-                })
-                .collect::<Result<_>>()?,
-            None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
-        };
-        if types.len() != tokens.len() {
-            return Err(self.err(format!(
-                "tokenizer.ggml.token_type has {} entries, tokenizer.ggml.tokens has {}",
-                types.len(),
-                tokens.len()
-            )));
-        }
-        let mut vocab = serde_json::Map::new();
-        let mut added = Vec::new();
-        for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
-            let Value::String(s) = tok else {
-                return Err(self.err(format!("tokenizer.ggml.tokens[{id}]: expected a string")));
-            };
-            if vocab.insert(s.clone(), json!(id)).is_some() {
-                return Err(self.err(format!(
-                    "tokenizer.ggml.tokens: token {s:?} appears twice (second at id {id})"
-                )));
-            }
-            if *ty == TOKEN_TYPE_CONTROL || *ty == TOKEN_TYPE_USER_DEFINED {
-                added.push(json!({
-                    "id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-                    "normalized": false, "special": *ty == TOKEN_TYPE_CONTROL
-                }));
-            }
-        }
-        let merges: Vec<String> = merges
-            .iter()
-            .enumerate()
-            .map(|(i, m)| match m {
-                Value::String(s) if s.split_once(' ').is_some() => Ok(s.clone()),
-                _ => Err(self.err(format!(
-                    "tokenizer.ggml.merges[{i}]: expected a string \"left right\""
-                ))),
-            })
-            .collect::<Result<_>>()?;
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let pre = match self.content.metadata.get("tokenizer.ggml.pre") {
-            None => "default",
-            Some(_) => self.string("tokenizer.ggml.pre")?,
-        };
-        // llama.cpp's SMOLLM/STARCODER pre-tokenizers split every digit, then apply the GPT-2 regex.
-        let pre_tokenizer = match pre {
-            "default" | "gpt-2" | "gpt2" => byte_level.clone(),
-            "smollm" | "starcoder" | "refact" | "codeshell" => json!({
-                "type": "Sequence",
-                "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level.clone()]
-            }),
-            other => {
-                return Err(self.err(format!(
-                    "tokenizer.ggml.pre = {other:?}: unsupported pre-tokenizer (supported: default, gpt-2, smollm, starcoder)"
-                )))
-            }
-        };
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": byte_level,
-            "decoder": byte_level,
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges
-            }
-        }))
-    }
-
-    /// The tokenizer stored in the file.
-    pub fn tokenizer(&self) -> Result<Tokenizer> {
-        let j = self.tokenizer_json()?;
-        let inner = tokenizers::Tokenizer::from_bytes(j.to_string().as_bytes())
-            .map_err(|e| self.err(format!("building the tokenizer from tokenizer.ggml.*: {e}")))?;
-        Tokenizer::from_inner(inner).map_err(|e| self.err(e.to_string()))
-    }
 }
 
 fn value_as_u64(v: &Value) -> Option<u64> {
@@ -519,178 +420,6 @@ pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
-}
-
-/// Write a vanilla `model` as an F32 GGUF file (llama.cpp conventions: `llama.*` metadata, `blk.N.*` names,
-/// permuted q/k rows) with the tokenizer's vocabulary and merges if `tokenizer` is given (GPT-2 byte-level BPE
-/// tokenizers only). Recursive and MoR models are refused: GGUF has no representation of shared layers or routers.
-pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path) -> Result<()> {
-    let cfg = model.config();
-    if cfg.recursion.is_some() || cfg.mor.is_some() {
-        return Err(MorError::Config(format!(
-            "GGUF export supports vanilla models only, this is {}",
-            cfg.variant_name()
-        )));
-    }
-    let params = model.params();
-    let get = |name: &str| -> Result<Tensor> {
-        params
-            .get(name)
-            .map(|v| v.as_tensor().to_dtype(DType::F32))
-            .transpose()?
-            .ok_or_else(|| MorError::Config(format!("model has no parameter {name}")))
-    };
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut push = |name: String, t: Tensor| -> Result<()> {
-        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
-        Ok(())
-    };
-    push(
-        "token_embd.weight".into(),
-        get("model.embed_tokens.weight")?,
-    )?;
-    push("output_norm.weight".into(), get("model.norm.weight")?)?;
-    if !cfg.tie_word_embeddings {
-        push("output.weight".into(), get("lm_head.weight")?)?;
-    }
-    for l in 0..cfg.num_hidden_layers {
-        for (g, hf) in LAYER_TENSORS {
-            let mut t = get(&format!("model.layers.{l}.{hf}.weight"))?;
-            match g {
-                "attn_q" => t = permute_qk(&t, cfg.num_attention_heads)?,
-                "attn_k" => t = permute_qk(&t, cfg.num_key_value_heads)?,
-                _ => {}
-            }
-            push(format!("blk.{l}.{g}.weight"), t)?;
-        }
-    }
-    let u32v = |x: usize| Value::U32(x as u32);
-    let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        ("general.name".into(), Value::String("mor export".into())),
-        ("llama.block_count".into(), u32v(cfg.num_hidden_layers)),
-        (
-            "llama.context_length".into(),
-            u32v(cfg.max_position_embeddings),
-        ),
-        ("llama.embedding_length".into(), u32v(cfg.hidden_size)),
-        (
-            "llama.feed_forward_length".into(),
-            u32v(cfg.intermediate_size),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            u32v(cfg.num_attention_heads),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            u32v(cfg.num_key_value_heads),
-        ),
-        ("llama.attention.key_length".into(), u32v(cfg.head_dim())),
-        ("llama.attention.value_length".into(), u32v(cfg.head_dim())),
-        ("llama.rope.dimension_count".into(), u32v(cfg.head_dim())),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(cfg.rope_theta as f32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
-        ("llama.vocab_size".into(), u32v(cfg.vocab_size)),
-        ("general.file_type".into(), Value::U32(0)),
-    ];
-    if let Some(tok) = tokenizer {
-        meta.extend(tokenizer_metadata(tok, cfg)?);
-    }
-    let file = File::create(path).map_err(|e| MorError::io(path, e))?;
-    let mut w = BufWriter::new(file);
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut w, &meta_refs, &tensor_refs)
-        .map_err(|e| MorError::checkpoint(path, format!("writing GGUF: {e}")))?;
-    use std::io::Write;
-    w.flush().map_err(|e| MorError::io(path, e))
-}
-
-/// `tokenizer.ggml.*` entries for a byte-level BPE tokenizer.
-fn tokenizer_metadata(tok: &Tokenizer, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
-    let j: serde_json::Value = serde_json::from_str(&tok.to_json()?)
-        .map_err(|e| MorError::Data(format!("tokenizer JSON: {e}")))?;
-    let model = &j["model"];
-    if model["type"] != "BPE" {
-        return Err(MorError::Data(
-            "GGUF export: only BPE tokenizers can be written".into(),
-        ));
-    }
-    let n = tok.vocab_size();
-    if n > cfg.vocab_size {
-        return Err(MorError::Data(format!(
-            "GGUF export: the tokenizer has {n} tokens, the model only {}",
-            cfg.vocab_size
-        )));
-    }
-    let mut tokens = vec![String::new(); cfg.vocab_size];
-    let mut types = vec![TOKEN_TYPE_NORMAL; cfg.vocab_size];
-    for (id, slot) in tokens.iter_mut().enumerate() {
-        // Rows of the embedding beyond the tokenizer get placeholder names llama.cpp accepts.
-        *slot = tok
-            .id_to_token(id as u32)
-            .unwrap_or_else(|| format!("[PAD{id}]"));
-    }
-    if let Some(added) = j["added_tokens"].as_array() {
-        for a in added {
-            if let Some(id) = a["id"].as_u64().filter(|&i| (i as usize) < types.len()) {
-                types[id as usize] = if a["special"] == true {
-                    TOKEN_TYPE_CONTROL
-                } else {
-                    TOKEN_TYPE_USER_DEFINED
-                };
-            }
-        }
-    }
-    let merges: Vec<Value> = model["merges"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .filter_map(|x| match x {
-                    serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Array(p) if p.len() == 2 => Some(format!(
-                        "{} {}",
-                        p[0].as_str().unwrap_or_default(),
-                        p[1].as_str().unwrap_or_default()
-                    )),
-                    _ => None,
-                })
-                .map(Value::String)
-                .collect()
-        })
-        .unwrap_or_default();
-    let uses_digits = j["pre_tokenizer"].to_string().contains("Digits");
-    let mut out = vec![
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        (
-            "tokenizer.ggml.pre".into(),
-            Value::String(if uses_digits { "smollm" } else { "gpt-2" }.into()),
-        ),
-        (
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        ),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
-        (
-            "tokenizer.ggml.eos_token_id".into(),
-            Value::U32(cfg.eos_token_id.unwrap_or(tok.eos_id())),
-        ),
-    ];
-    if let Some(b) = cfg.bos_token_id {
-        out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
