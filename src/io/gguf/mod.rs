@@ -70,8 +70,6 @@ const LAYER_TENSORS: [(&str, &str); 9] = [
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
-/// llama.cpp token types (`tokenizer.ggml.token_type`).
-
 impl GgufFile {
     /// Parse the header of `path` and check that every tensor's data lies inside the file (so a truncated download
     /// fails here, naming the first tensor that is cut off, instead of half-way through loading).

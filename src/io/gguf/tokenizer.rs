@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::data::Tokenizer;
 use crate::error::{MorError, Result};
 
+/// llama.cpp token types (`tokenizer.ggml.token_type`).
 const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
