@@ -2,8 +2,11 @@
 //! the same gradients, op by op, layer by layer and for whole models in every variant; and the same loss curve over
 //! a short training run. (Their finite-difference checks are in tests/gradcheck.rs.)
 
+mod common;
+use common::{routed_model, DEV};
+
 use anyhow::{anyhow, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -16,18 +19,8 @@ use mor::model::params::ParamStore;
 use mor::model::{ForwardOptions, MorModel, RoutingTrace};
 use mor::train::{AdamW, AdamWConfig, NamedParam};
 
-const DEV: Device = Device::Cpu;
-
 fn randn(rng: &mut StdRng, shape: &[usize], mean: f64, std: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f64> = (0..n)
-        .map(|_| {
-            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-            let u2: f64 = rng.random::<f64>();
-            mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, shape, &DEV)?)
+    Ok(common::randn(rng, shape, mean, std, DType::F64)?)
 }
 
 fn var(rng: &mut StdRng, shape: &[usize], std: f64) -> Result<Var> {
@@ -245,17 +238,7 @@ fn fused_decoder_layer_matches_composed_layer() -> Result<()> {
 }
 
 fn tiny_model(json: &str, seed: u64, dtype: DType) -> Result<MorModel> {
-    let cfg = ModelConfig::from_json(json)?;
-    let model = MorModel::init(&cfg, ParamStore::with_dtype(&DEV, seed, dtype))?;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    for (name, v) in model.params().iter() {
-        if name.contains("router") {
-            v.set(&randn(&mut rng, v.dims(), 0.0, 2.0)?.to_dtype(dtype)?)?;
-        } else if name.contains("norm") {
-            v.set(&randn(&mut rng, v.dims(), 1.0, 0.2)?.to_dtype(dtype)?)?;
-        }
-    }
-    Ok(model)
+    Ok(routed_model(json, seed, dtype, 0.03)?)
 }
 
 fn random_ids(seed: u64, b: usize, t: usize, vocab: usize) -> Result<Tensor> {

@@ -292,7 +292,7 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
         })?,
     );
     let x = var(rng, &[2, 3, 8], 1.0)?;
-    let w = Var::from_tensor(&randn(rng, &[8], 1.0, 0.2)?)?;
+    let w = Var::from_tensor(&randn(rng, &[8], 1.0, 0.2, DType::F64)?)?;
     let (xt, wt) = (x.as_tensor().clone(), w.as_tensor().clone());
     rec(
         "ops::rms_norm",
