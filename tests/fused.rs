@@ -231,8 +231,16 @@ fn fused_decoder_layer_matches_composed_layer() -> Result<()> {
         "DecoderLayer shared K/V",
         rng,
         &vars,
-        &|| Ok(layer.forward(&xt, &cos, &sin, &shared, KvSource::Shared(&kv))?.0),
-        &|| Ok(reference.forward(&xt, &cos, &sin, &shared, KvSource::Shared(&kv))?.0),
+        &|| {
+            Ok(layer
+                .forward(&xt, &cos, &sin, &shared, KvSource::Shared(&kv))?
+                .0)
+        },
+        &|| {
+            Ok(reference
+                .forward(&xt, &cos, &sin, &shared, KvSource::Shared(&kv))?
+                .0)
+        },
     )?;
     Ok(())
 }
@@ -252,7 +260,10 @@ fn random_ids(seed: u64, b: usize, t: usize, vocab: usize) -> Result<Tensor> {
 fn decisions(r: &RoutingTrace) -> String {
     match r {
         RoutingTrace::None => String::new(),
-        RoutingTrace::Expert(steps) => format!("{:?}", steps.iter().map(|s| &s.selected).collect::<Vec<_>>()),
+        RoutingTrace::Expert(steps) => format!(
+            "{:?}",
+            steps.iter().map(|s| &s.selected).collect::<Vec<_>>()
+        ),
         RoutingTrace::Token(t) => format!("{:?}", t.expert),
     }
 }
@@ -269,7 +280,10 @@ fn variants() -> Vec<(&'static str, String)> {
             "mor expert-choice, aux router, z-loss",
             mor(r#"{"z_loss":true,"routing":{"expert":{"sampling":"aux_router"}}}"#),
         ),
-        ("mor token-choice", mor(r#"{"z_loss":true,"routing":{"token":{}}}"#)),
+        (
+            "mor token-choice",
+            mor(r#"{"z_loss":true,"routing":{"token":{}}}"#),
+        ),
         (
             "recursive KV sharing",
             model_json(&format!(r#"{MIDDLE3},"kv_sharing":{{}}"#)),
@@ -295,20 +309,34 @@ fn fused_and_checkpointed_models_match_composed_models() -> Result<()> {
         let reference = model.forward_loss(&ids, &opts, 24)?;
         let want = reference.loss.total.to_scalar::<f64>()?;
         let want_grads = reference.backward()?;
-        for (path, fused, ckpt) in [("fused", true, false), ("fused + checkpointing", true, true), ("composed + checkpointing", false, true)] {
+        for (path, fused, ckpt) in [
+            ("fused", true, false),
+            ("fused + checkpointing", true, true),
+            ("composed + checkpointing", false, true),
+        ] {
             model.set_fused_ops(fused);
             model.set_checkpointing(ckpt);
             let out = model.forward_loss(&ids, &opts, 24)?;
-            assert_eq!(decisions(&out.routing), decisions(&reference.routing), "{label}, {path}: routing");
+            assert_eq!(
+                decisions(&out.routing),
+                decisions(&reference.routing),
+                "{label}, {path}: routing"
+            );
             let got = out.loss.total.to_scalar::<f64>()?;
-            assert!((got - want).abs() <= 1e-12 * want.abs(), "{label}, {path}: loss {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs(),
+                "{label}, {path}: loss {got} vs {want}"
+            );
             let grads = out.backward()?;
             let mut worst = 0.0f64;
             for (name, v) in model.params().iter() {
                 match (grads.get(v.as_tensor()), want_grads.get(v.as_tensor())) {
                     (Some(x), Some(y)) => {
                         let e = rel_diff(x, y)?;
-                        assert!(e <= 1e-10, "{label}, {path}: gradient of {name} differs by {e:.2e}");
+                        assert!(
+                            e <= 1e-10,
+                            "{label}, {path}: gradient of {name} differs by {e:.2e}"
+                        );
                         worst = worst.max(e);
                     }
                     (None, None) => {}
@@ -353,15 +381,24 @@ fn loss_curves_match_with_and_without_fused_ops_and_checkpointing() -> Result<()
         reference.set_fused_ops(false);
         let want = loss_curve(&reference, 8)?;
         println!("{label}: composed                {want:.5?}");
-        assert!(want.last() < want.first(), "{label}: the run must learn: {want:?}");
+        assert!(
+            want.last() < want.first(),
+            "{label}: the run must learn: {want:?}"
+        );
         for ckpt in [false, true] {
             let mut model = tiny_model(&json, 9, DType::F32)?;
-            assert!(model.fused_ops() && !model.checkpointing(), "defaults: fused ops, no checkpointing");
+            assert!(
+                model.fused_ops() && !model.checkpointing(),
+                "defaults: fused ops, no checkpointing"
+            );
             model.set_checkpointing(ckpt);
             let got = loss_curve(&model, 8)?;
             println!("{label}: fused, checkpointing {ckpt:<5} {got:.5?}");
             for (s, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * b.abs(), "{label}, checkpointing {ckpt}: step {s}: loss {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs(),
+                    "{label}, checkpointing {ckpt}: step {s}: loss {a} vs {b}"
+                );
             }
         }
     }

@@ -296,9 +296,13 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
     let (xt, wt) = (x.as_tensor().clone(), w.as_tensor().clone());
     rec(
         "ops::rms_norm",
-        check_op("ops::rms_norm", OP_TOL, rng, &[("x", &x), ("w", &w)], &|| {
-            Ok(ops::rms_norm(&xt, &wt, 1e-6)?)
-        })?,
+        check_op(
+            "ops::rms_norm",
+            OP_TOL,
+            rng,
+            &[("x", &x), ("w", &w)],
+            &|| Ok(ops::rms_norm(&xt, &wt, 1e-6)?),
+        )?,
     );
     let g = var(rng, &[3, 7], 1.5)?;
     let u = var(rng, &[3, 7], 1.0)?;
@@ -316,9 +320,17 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
     let targets = [3u32, 0, 10, 10, 5, 1, 7];
     rec(
         "ops::lm_head_cross_entropy",
-        check_op("ops::lm_head_cross_entropy", OP_TOL, rng, &[("h", &h), ("w", &w)], &|| {
-            Ok(ops::cross_entropy::lm_head_cross_entropy_in_chunks(&ht, &wt, &targets, 3)?)
-        })?,
+        check_op(
+            "ops::lm_head_cross_entropy",
+            OP_TOL,
+            rng,
+            &[("h", &h), ("w", &w)],
+            &|| {
+                Ok(ops::cross_entropy::lm_head_cross_entropy_in_chunks(
+                    &ht, &wt, &targets, 3,
+                )?)
+            },
+        )?,
     );
     // Attention, GQA (2 key heads × 2 query heads each) over: a causal mask shared by the batch, the position mask
     // of a padded routed subset, and full-sequence K/V read at the subset's original positions (KV sharing).
@@ -327,19 +339,39 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
     let all: Vec<Vec<u32>> = vec![(0..10).collect(); 2];
     let causal: Vec<Vec<u32>> = vec![(0..5).collect(); 1];
     for (label, mask, m) in [
-        ("ops::attention (causal)", position_mask(&causal, &[5], &causal, &[5], &DEV, DType::F64)?, 5),
-        ("ops::attention (subset)", position_mask(&rows, &valid, &rows, &valid, &DEV, DType::F64)?, 5),
-        ("ops::attention (shared K/V)", position_mask(&rows, &valid, &all, &[10, 10], &DEV, DType::F64)?, 10),
+        (
+            "ops::attention (causal)",
+            position_mask(&causal, &[5], &causal, &[5], &DEV, DType::F64)?,
+            5,
+        ),
+        (
+            "ops::attention (subset)",
+            position_mask(&rows, &valid, &rows, &valid, &DEV, DType::F64)?,
+            5,
+        ),
+        (
+            "ops::attention (shared K/V)",
+            position_mask(&rows, &valid, &all, &[10, 10], &DEV, DType::F64)?,
+            10,
+        ),
     ] {
         let q = var(rng, &[2, 2, 2 * 5, 4], 1.0)?;
         let k = var(rng, &[2, 2, m, 4], 1.0)?;
         let v = var(rng, &[2, 2, m, 4], 1.0)?;
-        let (qt, kt, vt) = (q.as_tensor().clone(), k.as_tensor().clone(), v.as_tensor().clone());
+        let (qt, kt, vt) = (
+            q.as_tensor().clone(),
+            k.as_tensor().clone(),
+            v.as_tensor().clone(),
+        );
         rec(
             label,
-            check_op(label, OP_TOL, rng, &[("q", &q), ("k", &k), ("v", &v)], &|| {
-                Ok(ops::attention(&qt, &kt, &vt, &mask, 0.5)?)
-            })?,
+            check_op(
+                label,
+                OP_TOL,
+                rng,
+                &[("q", &q), ("k", &k), ("v", &v)],
+                &|| Ok(ops::attention(&qt, &kt, &vt, &mask, 0.5)?),
+            )?,
         );
     }
 

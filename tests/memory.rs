@@ -86,7 +86,10 @@ fn estimate_tracks_measured_peaks() -> Result<()> {
             );
         }
     }
-    println!("worst estimate / measured ratio off by a factor {:.2}", worst.exp());
+    println!(
+        "worst estimate / measured ratio off by a factor {:.2}",
+        worst.exp()
+    );
     Ok(())
 }
 
@@ -105,8 +108,14 @@ fn a_run_that_cannot_fit_is_refused_with_the_flags_that_fit() -> Result<()> {
         .expect_err("a third of the estimate must not fit")
         .to_string();
     println!("{err}");
-    assert!(err.contains("--batch-size") && err.contains("--grad-accum"), "{err}");
-    assert!(err.contains("--checkpointing") || err.contains("--seq-len"), "{err}");
+    assert!(
+        err.contains("--batch-size") && err.contains("--grad-accum"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--checkpointing") || err.contains("--seq-len"),
+        "{err}"
+    );
     assert!(check_fits(&cfg, n_params, &shape, 1, need).is_ok());
     Ok(())
 }

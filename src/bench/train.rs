@@ -234,14 +234,16 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBenchReport> {
         .into_iter()
         .zip(phases)
         .map(
-            |((name, model, _, step_secs, peak_bytes, peak_rss, estimate), phase_secs)| TrainBenchRow {
-                name,
-                params: model.params().num_scalars(),
-                step_secs,
-                phase_secs,
-                peak_bytes,
-                peak_rss,
-                estimate,
+            |((name, model, _, step_secs, peak_bytes, peak_rss, estimate), phase_secs)| {
+                TrainBenchRow {
+                    name,
+                    params: model.params().num_scalars(),
+                    step_secs,
+                    phase_secs,
+                    peak_bytes,
+                    peak_rss,
+                    estimate,
+                }
             },
         )
         .collect();
@@ -295,10 +297,16 @@ impl fmt::Display for TrainBenchReport {
                 100.0 * (t / base_t - 1.0),
                 r.peak_bytes as f64 / (1 << 20) as f64,
                 100.0 * (r.peak_bytes as f64 / base_m - 1.0),
-                r.peak_rss.map_or("n/a".into(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64)),
+                r.peak_rss.map_or("n/a".into(), |b| format!(
+                    "{:.0}",
+                    b as f64 / (1 << 20) as f64
+                )),
                 r.estimate as f64 / (1 << 20) as f64,
                 (0..3)
-                    .map(|k| format!("{:.2}", median(&r.phase_secs.iter().map(|p| p[k]).collect::<Vec<_>>())))
+                    .map(|k| format!(
+                        "{:.2}",
+                        median(&r.phase_secs.iter().map(|p| p[k]).collect::<Vec<_>>())
+                    ))
                     .collect::<Vec<_>>()
                     .join(" / "),
             )?;

@@ -151,7 +151,10 @@ pub fn run_flops(a: &FlopsArgs) -> Result<()> {
 pub fn run_bench(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Train(a) => {
-            println!("{}", mor::bench::train::bench_train(&train_bench_options(&a)?)?);
+            println!(
+                "{}",
+                mor::bench::train::bench_train(&train_bench_options(&a)?)?
+            );
         }
         BenchCommand::Machine {
             hidden_size,

@@ -341,7 +341,17 @@ impl DecoderLayer {
     pub fn weights(&self) -> [&Tensor; 9] {
         let [q, k, v, o] = self.attn.weights();
         let [g, u, d] = self.mlp.weights();
-        [q, k, v, o, g, u, d, &self.input_norm.weight, &self.post_attn_norm.weight]
+        [
+            q,
+            k,
+            v,
+            o,
+            g,
+            u,
+            d,
+            &self.input_norm.weight,
+            &self.post_attn_norm.weight,
+        ]
     }
 
     /// Use the fused ops of [`crate::model::ops`] (default) or the composed reference in every part of the layer.

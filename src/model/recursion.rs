@@ -202,7 +202,10 @@ pub fn run_block(
             (BlockKv::Shared(shared), Some(sink)) => {
                 let mask = shared_mask.as_ref().unwrap_or(&self_mask);
                 let src = KvSource::Shared(&shared[j]);
-                (checkpointed_layer(layer, &h, &cos, &sin, mask, src, sink)?, None)
+                (
+                    checkpointed_layer(layer, &h, &cos, &sin, mask, src, sink)?,
+                    None,
+                )
             }
             (BlockKv::Own, None) => {
                 let (out, kv) = layer.forward(&h, &cos, &sin, &self_mask, KvSource::Own)?;
@@ -210,7 +213,8 @@ pub fn run_block(
             }
             (BlockKv::Shared(shared), None) => {
                 let mask = shared_mask.as_ref().unwrap_or(&self_mask);
-                let (out, kv) = layer.forward(&h, &cos, &sin, mask, KvSource::Shared(&shared[j]))?;
+                let (out, kv) =
+                    layer.forward(&h, &cos, &sin, mask, KvSource::Shared(&shared[j]))?;
                 (out, Some(kv))
             }
             // The fresh K/V are merged into the shared ones before the layer runs: not checkpointed.

@@ -7,9 +7,9 @@
 //! allocates (`crate::model::layers`, `crate::model::ops`), with the token fraction each layer sees (the routing
 //! capacities of `crate::config::flops`). The counts are checked against measured peaks in `tests/memory.rs`.
 
+use crate::config::flops::forward_flops;
 use crate::config::ModelConfig;
 use crate::error::{MorError, Result};
-use crate::config::flops::forward_flops;
 
 /// What a training step keeps besides the model: shape and options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,11 @@ pub fn estimate(cfg: &ModelConfig, n_params: usize, shape: &StepShape) -> Result
     let mut largest_layer = 0.0f64;
     for g in &report.groups {
         let n = g.token_fraction * tokens;
-        let keys = if g.computes_kv { (g.token_fraction * t as f64).ceil() as usize } else { t };
+        let keys = if g.computes_kv {
+            (g.token_fraction * t as f64).ceil() as usize
+        } else {
+            t
+        };
         let (own, shared) = per_token_layer(cfg, shape.fused, keys);
         let per_layer = n * if g.computes_kv { own } else { shared };
         largest_layer = largest_layer.max(per_layer);
@@ -104,7 +108,9 @@ pub fn estimate(cfg: &ModelConfig, n_params: usize, shape: &StepShape) -> Result
     let (head_act, head_transient) = if shape.fused {
         // Gradients of h and W computed in the forward pass; one chunk's logits, exponentials, softmax and
         // gradient at a time.
-        let rows = (crate::model::ops::cross_entropy::CHUNK_ELEMS as f64 / v).max(1.0).min(tokens);
+        let rows = (crate::model::ops::cross_entropy::CHUNK_ELEMS as f64 / v)
+            .max(1.0)
+            .min(tokens);
         (tokens * d + v * d, 4.0 * rows * v)
     } else {
         // Logits, their shifted-row copy and the log-softmax's shifted, exponentiated and output copies; the
@@ -155,7 +161,8 @@ pub fn check_fits(
     if est.total() <= available {
         return Ok(est);
     }
-    let fits = |s: &StepShape| estimate(cfg, n_params, s).map(|e| (e.total() <= available, e.total()));
+    let fits =
+        |s: &StepShape| estimate(cfg, n_params, s).map(|e| (e.total() <= available, e.total()));
     let mut options = Vec::new();
     // The largest micro-batch that fits, keeping the tokens per step with more accumulation.
     let mut b = shape.batch;
@@ -172,7 +179,10 @@ pub fn check_fits(
         }
     }
     if !shape.checkpointing {
-        let (ok, total) = fits(&StepShape { checkpointing: true, ..*shape })?;
+        let (ok, total) = fits(&StepShape {
+            checkpointing: true,
+            ..*shape
+        })?;
         if ok {
             options.push(format!("--checkpointing (~{:.1} GiB)", gib(total)));
         }
@@ -180,7 +190,10 @@ pub fn check_fits(
     let mut t = shape.seq_len;
     while t > 2 {
         t /= 2;
-        let (ok, total) = fits(&StepShape { seq_len: t, ..*shape })?;
+        let (ok, total) = fits(&StepShape {
+            seq_len: t,
+            ..*shape
+        })?;
         if ok {
             options.push(format!("--seq-len {t} (~{:.1} GiB)", gib(total)));
             break;

@@ -27,7 +27,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     let (b, kv, rn, hd) = q.dims4()?;
     let (bk, kvk, m, hdk) = k.dims4()?;
     let (mb, _, n, mm) = mask.dims4()?;
-    if bk != b || kvk != kv || hdk != hd || v.dims() != k.dims() || mm != m || rn % n != 0
+    if bk != b
+        || kvk != kv
+        || hdk != hd
+        || v.dims() != k.dims()
+        || mm != m
+        || rn % n != 0
         || (mb != 1 && mb != b)
     {
         return Err(MorError::Config(format!(
@@ -51,9 +56,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             p.matmul(&vd.narrow(0, i, 1)?)
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    *op.out.lock().map_err(|_| MorError::Config("attention: poisoned lock".into()))? =
+    *op.out
+        .lock()
+        .map_err(|_| MorError::Config("attention: poisoned lock".into()))? =
         Some(Tensor::cat(&rows, 0)?);
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
 struct Attention {
@@ -92,7 +100,11 @@ impl CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self.out.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.take();
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
+            .take();
         match out {
             Some(t) => super::storage_of(&t),
             None => candle_core::bail!("mor-attention: forward run twice"),
@@ -111,7 +123,11 @@ impl CustomOp3 for Attention {
         let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), out.detach());
         let grad = grad.contiguous()?;
         let b = q.dim(0)?;
-        let (mut dq, mut dk, mut dv) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+        let (mut dq, mut dk, mut dv) = (
+            Vec::with_capacity(b),
+            Vec::with_capacity(b),
+            Vec::with_capacity(b),
+        );
         for i in 0..b {
             let p = self.probs(&q, &k, i)?;
             let g = grad.narrow(0, i, 1)?;

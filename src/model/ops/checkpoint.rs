@@ -83,7 +83,10 @@ pub fn checkpointed_layer(
         out: Mutex::new(None),
     };
     // The forward pass builds the layer's graph on the weights and drops it with `y`: only the output stays.
-    let y = op.run(&x.detach(), shared.as_ref().map(|kv| (kv.k.detach(), kv.v.detach())))?;
+    let y = op.run(
+        &x.detach(),
+        shared.as_ref().map(|kv| (kv.k.detach(), kv.v.detach())),
+    )?;
     *op.out
         .lock()
         .map_err(|_| MorError::Config("checkpoint: poisoned lock".into()))? = Some(y.detach());
@@ -107,10 +110,13 @@ struct Checkpoint {
 impl Checkpoint {
     fn run(&self, x: &Tensor, kv: Option<(Tensor, Tensor)>) -> Result<Tensor> {
         let (out, _) = match kv {
-            None => self.layer.forward(x, &self.cos, &self.sin, &self.mask, KvSource::Own)?,
+            None => self
+                .layer
+                .forward(x, &self.cos, &self.sin, &self.mask, KvSource::Own)?,
             Some((k, v)) => {
                 let kv = KeyValue { k, v };
-                self.layer.forward(x, &self.cos, &self.sin, &self.mask, KvSource::Shared(&kv))?
+                self.layer
+                    .forward(x, &self.cos, &self.sin, &self.mask, KvSource::Shared(&kv))?
             }
         };
         Ok(out)
@@ -135,7 +141,8 @@ impl Checkpoint {
             .iter()
             .map(|t| Var::from_tensor(&t.detach()))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let kv = (vars.len() == 3).then(|| (vars[1].as_tensor().clone(), vars[2].as_tensor().clone()));
+        let kv =
+            (vars.len() == 3).then(|| (vars[1].as_tensor().clone(), vars[2].as_tensor().clone()));
         let out = self
             .run(vars[0].as_tensor(), kv)
             .map_err(|e| candle_core::Error::Msg(format!("mor-checkpoint recompute: {e}")))?;

@@ -41,7 +41,9 @@ pub fn lm_head_cross_entropy_in_chunks(
         )));
     }
     if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
-        return Err(MorError::Request(format!("target {t} is outside the vocabulary ({v})")));
+        return Err(MorError::Request(format!(
+            "target {t} is outside the vocabulary ({v})"
+        )));
     }
     let want_grad = h.track_op() || w.track_op();
     let (hd, wd) = (h.detach(), w.detach());
@@ -59,7 +61,10 @@ pub fn lm_head_cross_entropy_in_chunks(
         let sum = e.sum_keepdim(D::Minus1)?;
         let lse = (max + sum.log()?)?;
         let picked = logits.gather(&tc, D::Minus1)?;
-        loss += (lse - picked)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        loss += (lse - picked)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         if want_grad {
             drop(logits);
             // ∂/∂logits = softmax − one-hot(target).
@@ -129,6 +134,9 @@ impl CustomOp2 for CrossEntropy {
             candle_core::bail!("{}: backward run twice", self.name());
         };
         let grad = grad.detach();
-        Ok((Some(gh.broadcast_mul(&grad)?), Some(gw.broadcast_mul(&grad)?)))
+        Ok((
+            Some(gh.broadcast_mul(&grad)?),
+            Some(gw.broadcast_mul(&grad)?),
+        ))
     }
 }

@@ -24,7 +24,11 @@ pub use swiglu::swiglu;
 use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor, WithDType};
 
 /// The contiguous slice of `s` that `l` describes (every op here makes its inputs contiguous first).
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+fn slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => bail!("{op}: input is not contiguous"),

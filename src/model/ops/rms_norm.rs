@@ -19,7 +19,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             x.dims()
         )));
     }
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })?)
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps })?)
 }
 
 struct RmsNorm {
@@ -27,19 +28,22 @@ struct RmsNorm {
 }
 
 fn inv_rms<T: Float>(row: &[T], eps: f64) -> T {
-    let ms = row.iter().map(|&v| v * v).fold(T::zero(), |a, b| a + b) / T::from_f64(row.len() as f64);
+    let ms =
+        row.iter().map(|&v| v * v).fold(T::zero(), |a, b| a + b) / T::from_f64(row.len() as f64);
     T::one() / (ms + T::from_f64(eps)).sqrt()
 }
 
 fn forward<T: Float>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let inv = inv_rms(xr, eps);
-        for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
-            *o = a * inv * g;
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let inv = inv_rms(xr, eps);
+            for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = a * inv * g;
+            }
+        });
     y
 }
 
@@ -109,7 +113,8 @@ impl CustomOp2 for RmsNorm {
         let (x, w) = (x.detach(), w.detach());
         let d = w.dim(0)?;
         let rows = x.elem_count() / d;
-        let both = x.apply_op3_no_bwd(&w, &grad.contiguous()?, &RmsNormBackward { eps: self.eps })?;
+        let both =
+            x.apply_op3_no_bwd(&w, &grad.contiguous()?, &RmsNormBackward { eps: self.eps })?;
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = both.narrow(0, rows, 1)?.reshape(d)?;
         Ok((Some(dx), Some(dw)))
@@ -145,10 +150,17 @@ impl CustomOp3 for RmsNormBackward {
             eps: f64,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
             let name = "rms_norm backward";
-            let (x, w, g) = (slice::<T>(xs, xl, name)?, slice::<T>(ws, wl, name)?, slice::<T>(gs, gl, name)?);
+            let (x, w, g) = (
+                slice::<T>(xs, xl, name)?,
+                slice::<T>(ws, wl, name)?,
+                slice::<T>(gs, gl, name)?,
+            );
             let d = w.len();
             let out = backward(x, w, g, eps);
-            Ok((T::to_cpu_storage_owned(out), Shape::from((x.len() / d + 1, d))))
+            Ok((
+                T::to_cpu_storage_owned(out),
+                Shape::from((x.len() / d + 1, d)),
+            ))
         }
         dispatch!(xs, self.name(), run(xs, xl, ws, wl, gs, gl, self.eps))
     }

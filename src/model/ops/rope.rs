@@ -21,8 +21,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin.dims()
         )));
     }
-    Ok(x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { transpose: false })?)
+    Ok(x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { transpose: false },
+    )?)
 }
 
 /// `transpose: false` rotates (forward); `true` applies the transposed map (the backward of the forward).
@@ -82,7 +85,11 @@ impl CustomOp3 for Rope {
             sl: &Layout,
             transpose: bool,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
-            let (x, c, s) = (slice::<T>(xs, xl, "rope")?, slice::<T>(cs, cl, "rope")?, slice::<T>(ss, sl, "rope")?);
+            let (x, c, s) = (
+                slice::<T>(xs, xl, "rope")?,
+                slice::<T>(cs, cl, "rope")?,
+                slice::<T>(ss, sl, "rope")?,
+            );
             let y = rotate(x, c, s, xl.dims(), transpose);
             Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
         }
@@ -97,9 +104,13 @@ impl CustomOp3 for Rope {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad
-            .contiguous()?
-            .apply_op3_no_bwd(&cos.detach(), &sin.detach(), &Rope { transpose: !self.transpose })?;
+        let dx = grad.contiguous()?.apply_op3_no_bwd(
+            &cos.detach(),
+            &sin.detach(),
+            &Rope {
+                transpose: !self.transpose,
+            },
+        )?;
         Ok((Some(dx), None, None))
     }
 }

@@ -104,13 +104,20 @@ impl CustomOp3 for SwiGluBackward {
             dl: &Layout,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
             let name = "swiglu backward";
-            let (g, u, dy) = (slice::<T>(gs, gl, name)?, slice::<T>(us, ul, name)?, slice::<T>(ds, dl, name)?);
+            let (g, u, dy) = (
+                slice::<T>(gs, gl, name)?,
+                slice::<T>(us, ul, name)?,
+                slice::<T>(ds, dl, name)?,
+            );
             let n = g.len();
             let mut out = vec![T::zero(); 2 * n];
             let (dg, du) = out.split_at_mut(n);
             dg.par_chunks_mut(GRAIN)
                 .zip(du.par_chunks_mut(GRAIN))
-                .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN).zip(dy.par_chunks(GRAIN))))
+                .zip(
+                    g.par_chunks(GRAIN)
+                        .zip(u.par_chunks(GRAIN).zip(dy.par_chunks(GRAIN))),
+                )
                 .for_each(|((dgc, duc), (gc, (uc, yc)))| {
                     for i in 0..gc.len() {
                         let (a, b, d) = (gc[i], uc[i], yc[i]);
