@@ -72,7 +72,7 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
     for (xr, gr) in x.chunks(d).zip(dy.chunks(d)) {
         let inv = inv_rms(xr, eps);
         for ((o, &a), &g) in dw.iter_mut().zip(xr).zip(gr) {
-            *o = *o + g * a * inv;
+            *o += g * a * inv;
         }
     }
     out
