@@ -3,7 +3,8 @@
 //! Two implementations of the norm, RoPE, attention and the SwiGLU gate: the fused ops of [`crate::model::ops`]
 //! (the default: they keep far less for the backward pass) and the reference composition of primitives whose
 //! gradients were checked (`tests/gradcheck.rs`; candle's own fused `rms_norm`, `softmax_last_dim` and `rope` drop
-//! gradients silently, docs/architecture.md S10). `set_fused(false)` selects the composition; `tests/fused.rs` checks that both agree.
+//! gradients silently, docs/architecture.md S10). `set_fused(false)` selects the composition; `tests/fused.rs`
+//! checks that both agree.
 
 use candle_core::{DType, Device, Tensor, D};
 
