@@ -17,6 +17,9 @@ pub enum MorError {
     /// A request (prompt, sampling parameters, generation length) is invalid.
     #[error("invalid request: {0}")]
     Request(String),
+    /// A training step would not fit in the memory available (`crate::train::memory`).
+    #[error("out of memory: {0}")]
+    Memory(String),
     /// An I/O failure, with the path it concerned.
     #[error("{path}: {source}")]
     Io {

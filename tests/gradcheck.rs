@@ -38,6 +38,7 @@ use mor::model::layers::{
     linear, log_softmax_last, position_mask, softmax_last, DecoderLayer, KeyValue, KvSource,
     RmsNorm, Rope,
 };
+use mor::model::ops;
 use mor::model::params::ParamStore;
 use mor::model::recursion::Subset;
 use mor::model::router::Router;
@@ -282,12 +283,102 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
         })?,
     );
 
+    // The fused training ops (model::ops) have their own backward passes: each is checked here as the composed ops
+    // are (tests/fused.rs checks that both compute the same values and gradients).
+    rec(
+        "ops::rope",
+        check_op("ops::rope", OP_TOL, rng, &[("x", &x)], &|| {
+            Ok(ops::rope(&xt, &cos, &sin)?)
+        })?,
+    );
+    let x = var(rng, &[2, 3, 8], 1.0)?;
+    let w = Var::from_tensor(&randn(rng, &[8], 1.0, 0.2, DType::F64)?)?;
+    let (xt, wt) = (x.as_tensor().clone(), w.as_tensor().clone());
+    rec(
+        "ops::rms_norm",
+        check_op(
+            "ops::rms_norm",
+            OP_TOL,
+            rng,
+            &[("x", &x), ("w", &w)],
+            &|| Ok(ops::rms_norm(&xt, &wt, 1e-6)?),
+        )?,
+    );
+    let g = var(rng, &[3, 7], 1.5)?;
+    let u = var(rng, &[3, 7], 1.0)?;
+    let (gt, ut) = (g.as_tensor().clone(), u.as_tensor().clone());
+    rec(
+        "ops::swiglu",
+        check_op("ops::swiglu", OP_TOL, rng, &[("g", &g), ("u", &u)], &|| {
+            Ok(ops::swiglu(&gt, &ut)?)
+        })?,
+    );
+    // LM head + cross-entropy in chunks of 3 rows over 7 rows (chunks 3, 3, 1).
+    let h = var(rng, &[7, 6], 1.0)?;
+    let w = var(rng, &[11, 6], 1.0)?;
+    let (ht, wt) = (h.as_tensor().clone(), w.as_tensor().clone());
+    let targets = [3u32, 0, 10, 10, 5, 1, 7];
+    rec(
+        "ops::lm_head_cross_entropy",
+        check_op(
+            "ops::lm_head_cross_entropy",
+            OP_TOL,
+            rng,
+            &[("h", &h), ("w", &w)],
+            &|| {
+                Ok(ops::cross_entropy::lm_head_cross_entropy_in_chunks(
+                    &ht, &wt, &targets, 3,
+                )?)
+            },
+        )?,
+    );
+    // Attention, GQA (2 key heads × 2 query heads each) over: a causal mask shared by the batch, the position mask
+    // of a padded routed subset, and full-sequence K/V read at the subset's original positions (KV sharing).
+    let rows = vec![vec![0u32, 2, 3, 7, 9], vec![1, 4, 5, 0, 0]];
+    let valid = vec![5usize, 3];
+    let all: Vec<Vec<u32>> = vec![(0..10).collect(); 2];
+    let causal: Vec<Vec<u32>> = vec![(0..5).collect(); 1];
+    for (label, mask, m) in [
+        (
+            "ops::attention (causal)",
+            position_mask(&causal, &[5], &causal, &[5], &DEV, DType::F64)?,
+            5,
+        ),
+        (
+            "ops::attention (subset)",
+            position_mask(&rows, &valid, &rows, &valid, &DEV, DType::F64)?,
+            5,
+        ),
+        (
+            "ops::attention (shared K/V)",
+            position_mask(&rows, &valid, &all, &[10, 10], &DEV, DType::F64)?,
+            10,
+        ),
+    ] {
+        let q = var(rng, &[2, 2, 2 * 5, 4], 1.0)?;
+        let k = var(rng, &[2, 2, m, 4], 1.0)?;
+        let v = var(rng, &[2, 2, m, 4], 1.0)?;
+        let (qt, kt, vt) = (
+            q.as_tensor().clone(),
+            k.as_tensor().clone(),
+            v.as_tensor().clone(),
+        );
+        rec(
+            label,
+            check_op(
+                label,
+                OP_TOL,
+                rng,
+                &[("q", &q), ("k", &k), ("v", &v)],
+                &|| Ok(ops::attention(&qt, &kt, &vt, &mask, 0.5)?),
+            )?,
+        );
+    }
+
     // Decoder layer with its own K/V over a routed subset (position mask with a padded row), all weights checked.
     let mut store = ParamStore::with_dtype(&DEV, 2, DType::F64);
     let layer = DecoderLayer::new(&mut store, "layer", &cfg)?;
     redraw_store(&store, rng, 0.3)?;
-    let rows = vec![vec![0u32, 2, 3, 7, 9], vec![1, 4, 5, 0, 0]];
-    let valid = vec![5usize, 3];
     let own_mask = position_mask(&rows, &valid, &rows, &valid, &DEV, DType::F64)?;
     let x = var(rng, &[2, 5, 16], 1.0)?;
     let xt = x.as_tensor().clone();
@@ -307,7 +398,6 @@ fn op_level_gradients_match_finite_differences() -> Result<()> {
     );
 
     // Decoder layer reading shared full-sequence K/V (recursive KV sharing): gradients reach the shared K/V.
-    let all: Vec<Vec<u32>> = vec![(0..10).collect(); 2];
     let shared_mask = position_mask(&rows, &valid, &all, &[10, 10], &DEV, DType::F64)?;
     let k = var(rng, &[2, 1, 10, hd], 1.0)?;
     let v = var(rng, &[2, 1, 10, hd], 1.0)?;

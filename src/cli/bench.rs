@@ -41,29 +41,7 @@ pub enum BenchCommand {
         rows: String,
     },
     /// Training throughput and peak memory of vanilla, recursive and MoR at the same shape.
-    Train {
-        /// Model width.
-        #[arg(long, default_value_t = 256)]
-        hidden_size: usize,
-        /// Unrolled layers ((layers − 2) divisible by every N_r).
-        #[arg(long, default_value_t = 8)]
-        layers: usize,
-        /// Sequences per step.
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Tokens per sequence.
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        /// Rounds of interleaved runs.
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Variants (comma-separated); the first is the baseline.
-        #[arg(
-            long,
-            default_value = "vanilla,recursive-2,mor-expert-2,mor-expert-3,mor-token-3"
-        )]
-        variants: String,
-    },
+    Train(TrainBenchArgs),
     /// Generation throughput (KV cache, continuous / depth-wise batching) of vanilla, recursive and MoR.
     Generate {
         /// Model width.
@@ -103,6 +81,58 @@ pub enum BenchCommand {
     },
 }
 
+/// `mor bench train`.
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    /// Take the shape (width, heads, KV heads, FFN, vocabulary, layers) from this preset; alone, it is also the
+    /// one variant measured. The shape flags below override single fields.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Model width [default: 256].
+    #[arg(long)]
+    pub hidden_size: Option<usize>,
+    /// Query heads [default: 4].
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Key/value heads [default: heads / 2].
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// FFN width [default: 3 × width].
+    #[arg(long)]
+    pub intermediate_size: Option<usize>,
+    /// Vocabulary size [default: 4096].
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Unrolled layers ((layers − 2) divisible by every N_r) [default: 8].
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Measured steps per variant per round (after one untimed warm-up step).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Rounds of interleaved runs.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Variants (comma-separated; preset names or vanilla, recursive-N, mor-expert-N, mor-token-N at the shape);
+    /// the first is the baseline [default: the preset, or vanilla,recursive-2,mor-expert-2,mor-expert-3,mor-token-3].
+    #[arg(long)]
+    pub variants: Option<String>,
+    /// Use the composed reference ops instead of the fused training ops (for before/after comparisons).
+    #[arg(long)]
+    pub composed_ops: bool,
+    /// Activation checkpointing per layer.
+    #[arg(long, overrides_with = "no_checkpointing")]
+    pub checkpointing: bool,
+    /// No activation checkpointing (the default).
+    #[arg(long, overrides_with = "checkpointing")]
+    pub no_checkpointing: bool,
+}
+
 /// Print the forward FLOPs per token of a config or preset, or the preset names.
 pub fn run_flops(a: &FlopsArgs) -> Result<()> {
     if a.list {
@@ -120,24 +150,11 @@ pub fn run_flops(a: &FlopsArgs) -> Result<()> {
 /// Run one benchmark and print its report.
 pub fn run_bench(c: BenchCommand) -> Result<()> {
     match c {
-        BenchCommand::Train {
-            hidden_size,
-            layers,
-            batch,
-            seq_len,
-            rounds,
-            variants,
-        } => {
-            let o = mor::bench::train::TrainBenchOptions {
-                hidden_size,
-                layers,
-                batch,
-                seq_len,
-                rounds,
-                variants: variants.split(',').map(|s| s.trim().to_string()).collect(),
-                ..Default::default()
-            };
-            println!("{}", mor::bench::train::bench_train(&o)?);
+        BenchCommand::Train(a) => {
+            println!(
+                "{}",
+                mor::bench::train::bench_train(&train_bench_options(&a)?)?
+            );
         }
         BenchCommand::Machine {
             hidden_size,
@@ -209,4 +226,40 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The benchmark options of `mor bench train`'s arguments.
+fn train_bench_options(a: &TrainBenchArgs) -> Result<mor::bench::train::TrainBenchOptions> {
+    let mut o = mor::bench::train::TrainBenchOptions {
+        batch: a.batch,
+        seq_len: a.seq_len,
+        steps: a.steps,
+        rounds: a.rounds,
+        fused: !a.composed_ops,
+        checkpointing: a.checkpointing,
+        ..Default::default()
+    };
+    if let Some(p) = &a.preset {
+        let cfg = mor::config::presets::preset(p)?;
+        o.hidden_size = cfg.hidden_size;
+        o.heads = cfg.num_attention_heads;
+        o.kv_heads = Some(cfg.num_key_value_heads);
+        o.intermediate_size = Some(cfg.intermediate_size);
+        o.vocab = cfg.vocab_size;
+        o.layers = cfg.num_hidden_layers;
+        o.variants = vec![p.clone()];
+    }
+    o.hidden_size = a.hidden_size.unwrap_or(o.hidden_size);
+    o.heads = a.heads.unwrap_or(o.heads);
+    o.kv_heads = a.kv_heads.or(o.kv_heads);
+    o.intermediate_size = a.intermediate_size.or(o.intermediate_size);
+    o.vocab = a.vocab.unwrap_or(o.vocab);
+    o.layers = a.layers.unwrap_or(o.layers);
+    if let Some(v) = &a.variants {
+        o.variants = v.split(',').map(|s| s.trim().to_string()).collect();
+    }
+    if o.batch == 0 || o.seq_len < 2 || o.steps == 0 || o.rounds == 0 || o.variants.is_empty() {
+        anyhow::bail!("--batch, --steps, --rounds must be positive, --seq-len at least 2, --variants non-empty");
+    }
+    Ok(o)
 }

@@ -94,6 +94,9 @@ pub fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
         keep_last: 2,
         log_every: 10,
         quiet: false,
+        checkpointing: false,
+        no_checkpointing: false,
+        skip_memory_check: false,
     };
     let summary = run_train(&args)?;
     println!(

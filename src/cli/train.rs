@@ -95,6 +95,16 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Activation checkpointing per layer: the backward pass recomputes each layer instead of keeping its
+    /// activations (less memory, about one more forward pass of compute).
+    #[arg(long, overrides_with = "no_checkpointing")]
+    pub checkpointing: bool,
+    /// Keep every activation for the backward pass (the default).
+    #[arg(long, overrides_with = "checkpointing")]
+    pub no_checkpointing: bool,
+    /// Start even if the estimated peak memory of a step exceeds the memory available.
+    #[arg(long)]
+    pub skip_memory_check: bool,
 }
 
 #[derive(Args)]
@@ -258,11 +268,46 @@ pub fn run_train(a: &TrainArgs) -> Result<mor::train::trainer::TrainSummary> {
     finish_training(trainer, a)
 }
 
+/// Refuse a run whose estimated step peak exceeds the memory available (`mor::train::memory`), naming the flags
+/// that would make it fit.
+fn check_memory(trainer: &Trainer) -> Result<()> {
+    let model = trainer.model();
+    let train = trainer.train_config();
+    let shape = mor::train::memory::StepShape {
+        batch: train.batch_size,
+        seq_len: train.seq_len,
+        fused: model.fused_ops(),
+        checkpointing: model.checkpointing(),
+    };
+    let n_params = model.params().num_scalars();
+    let Some(available) = mor::train::memory::available_bytes() else {
+        tracing::warn!("no /proc/meminfo: memory check skipped");
+        return Ok(());
+    };
+    let est = mor::train::memory::check_fits(
+        model.config(),
+        n_params,
+        &shape,
+        train.grad_accum,
+        available,
+    )?;
+    tracing::info!(
+        estimated_gib = est.total() as f64 / (1u64 << 30) as f64,
+        available_gib = available as f64 / (1u64 << 30) as f64,
+        "estimated peak memory of a step"
+    );
+    Ok(())
+}
+
 /// Run the trainer to its last step and print the summary.
 pub fn finish_training(
     mut trainer: Trainer,
     a: &TrainArgs,
 ) -> Result<mor::train::trainer::TrainSummary> {
+    trainer.set_checkpointing(a.checkpointing);
+    if !a.skip_memory_check {
+        check_memory(&trainer)?;
+    }
     let summary = trainer.run(!a.quiet)?;
     println!(
         "done: {} steps, {} tokens, {:.0} tokens/s; checkpoint {}",

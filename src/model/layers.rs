@@ -1,12 +1,16 @@
 //! The Llama decoder layer (docs/architecture.md S1): pre-RMSNorm, GQA attention with RoPE, SwiGLU MLP, no biases.
 //!
-//! Every op here is composed from primitives whose gradients were checked (`tests/gradcheck.rs`): candle's fused
-//! `rms_norm`, `softmax_last_dim` and `rope` drop gradients silently (docs/architecture.md S10).
+//! Two implementations of the norm, RoPE, attention and the SwiGLU gate: the fused ops of [`crate::model::ops`]
+//! (the default: they keep far less for the backward pass) and the reference composition of primitives whose
+//! gradients were checked (`tests/gradcheck.rs`; candle's own fused `rms_norm`, `softmax_last_dim` and `rope` drop
+//! gradients silently, docs/architecture.md S10). `set_fused(false)` selects the composition; `tests/fused.rs`
+//! checks that both agree.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::model::ops;
 use crate::model::params::{Init, ParamStore};
 
 /// `x @ wᵀ` for x of any rank ≥ 2 and a [out, in] weight.
@@ -39,6 +43,7 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    fused: bool,
 }
 
 impl RmsNorm {
@@ -47,7 +52,13 @@ impl RmsNorm {
         Ok(RmsNorm {
             weight: store.get_or_init(name, &[d], Init::Ones)?,
             eps,
+            fused: true,
         })
+    }
+
+    /// Use the fused op (default) or the composed reference.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
     }
 
     /// The scale weight `[d]` and ε (the KV-cached engine applies the norm row by row, `crate::engine`).
@@ -57,6 +68,9 @@ impl RmsNorm {
 
     /// Normalise over the last dim.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            return ops::rms_norm(x, &self.weight, self.eps);
+        }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (ms + self.eps)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
@@ -136,6 +150,7 @@ pub struct Attention {
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
+    fused: bool,
 }
 
 impl Attention {
@@ -151,7 +166,21 @@ impl Attention {
             n_heads: h,
             n_kv: kv,
             head_dim: hd,
+            fused: true,
         })
+    }
+
+    /// Use the fused ops (default) or the composed reference.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            ops::rope(x, cos, sin)
+        } else {
+            Rope::apply(x, cos, sin)
+        }
     }
 
     /// (query heads, key/value heads, head width).
@@ -176,7 +205,7 @@ impl Attention {
         let k = self.heads(&linear(x, &self.k)?, self.n_kv)?;
         let v = self.heads(&linear(x, &self.v)?, self.n_kv)?;
         Ok(KeyValue {
-            k: Rope::apply(&k, cos, sin)?,
+            k: self.rope(&k, cos, sin)?,
             v,
         })
     }
@@ -193,16 +222,21 @@ impl Attention {
         let (b, n, _) = x.dims3()?;
         let m = kv.k.dim(2)?;
         let rep = self.n_heads / self.n_kv;
-        let q = Rope::apply(&self.heads(&linear(x, &self.q)?, self.n_heads)?, cos, sin)?;
+        let q = self.rope(&self.heads(&linear(x, &self.q)?, self.n_heads)?, cos, sin)?;
         // Query heads kv·rep .. kv·rep+rep share key head kv (HF repeat_kv), so group them without copying K/V.
         let q = q.reshape((b, self.n_kv, rep * n, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&kv.k.t()?)? * scale)?
-            .reshape((b, self.n_heads, n, m))?
-            .broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?.reshape((b, self.n_kv, rep * n, m))?;
-        let out = probs
-            .matmul(&kv.v)?
+        let out = if self.fused {
+            ops::attention(&q, &kv.k, &kv.v, mask, scale)?
+        } else {
+            let scores = (q.matmul(&kv.k.t()?)? * scale)?
+                .reshape((b, self.n_heads, n, m))?
+                .broadcast_add(mask)?;
+            softmax_last(&scores)?
+                .reshape((b, self.n_kv, rep * n, m))?
+                .matmul(&kv.v)?
+        };
+        let out = out
             .reshape((b, self.n_heads, n, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, n, self.n_heads * self.head_dim))?;
@@ -216,6 +250,7 @@ pub struct Mlp {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
+    fused: bool,
 }
 
 impl Mlp {
@@ -226,7 +261,13 @@ impl Mlp {
             gate: store.get_or_init(&format!("{prefix}.gate_proj.weight"), &[f, d], init)?,
             up: store.get_or_init(&format!("{prefix}.up_proj.weight"), &[f, d], init)?,
             down: store.get_or_init(&format!("{prefix}.down_proj.weight"), &[d, f], init)?,
+            fused: true,
         })
+    }
+
+    /// Use the fused gate (default) or the composed reference.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
     }
 
     /// The gate, up and down projection weights ([out, in]); the KV-cached engine fuses them (`crate::engine`).
@@ -237,8 +278,13 @@ impl Mlp {
     /// Apply the MLP.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = linear(x, &self.gate)?;
-        let act = (&g * candle_nn::ops::sigmoid(&g)?)?;
-        linear(&(act * linear(x, &self.up)?)?, &self.down)
+        let u = linear(x, &self.up)?;
+        let act = if self.fused {
+            ops::swiglu(&g, &u)?
+        } else {
+            ((&g * candle_nn::ops::sigmoid(&g)?)? * u)?
+        };
+        linear(&act, &self.down)
     }
 }
 
@@ -290,6 +336,31 @@ impl DecoderLayer {
     /// The MLP.
     pub fn mlp(&self) -> &Mlp {
         &self.mlp
+    }
+
+    /// Every weight of the layer: q, k, v, o, gate, up, down projections and the two norm scales.
+    pub fn weights(&self) -> [&Tensor; 9] {
+        let [q, k, v, o] = self.attn.weights();
+        let [g, u, d] = self.mlp.weights();
+        [
+            q,
+            k,
+            v,
+            o,
+            g,
+            u,
+            d,
+            &self.input_norm.weight,
+            &self.post_attn_norm.weight,
+        ]
+    }
+
+    /// Use the fused ops of [`crate::model::ops`] (default) or the composed reference in every part of the layer.
+    pub fn set_fused(&mut self, on: bool) {
+        self.attn.set_fused(on);
+        self.mlp.set_fused(on);
+        self.input_norm.set_fused(on);
+        self.post_attn_norm.set_fused(on);
     }
 
     /// Run the layer on x [B, n, d]; returns the output and the K/V it attended over.

@@ -6,6 +6,7 @@
 pub mod capacity;
 pub mod expert_choice;
 pub mod layers;
+pub mod ops;
 pub mod params;
 pub mod recursion;
 pub mod router;
@@ -13,13 +14,16 @@ pub mod routing;
 pub mod token_choice;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{Layout, ModelConfig};
 use crate::error::{MorError, Result};
 use expert_choice::{ExpertChoice, ExpertStep, RouteMode, RouterLosses};
 use layers::{log_softmax_last, DecoderLayer, KeyValue, RmsNorm, Rope};
+use ops::GradSink;
 use params::{Init, ParamStore};
 use recursion::{run_block, BlockKv, Subset};
 use token_choice::{TokenChoice, TokenTrace};
@@ -106,6 +110,31 @@ pub struct LossBreakdown {
     pub n_targets: usize,
 }
 
+/// The objective of a training forward ([`MorModel::forward_loss`]): the loss terms and the routing, no logits.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    /// The loss terms.
+    pub loss: LossBreakdown,
+    /// Routing decisions.
+    pub routing: RoutingTrace,
+    /// Auxiliary router losses (un-weighted).
+    pub router_losses: RouterLosses,
+    /// Weight gradients of checkpointed layers, collected during the backward pass.
+    checkpoint: Option<Arc<GradSink>>,
+}
+
+impl TrainOutput {
+    /// Gradients of `loss.total`, including those of checkpointed layers' weights (which a bare
+    /// `loss.total.backward()` would miss: they reach the parameters through `ops::checkpoint`'s sink).
+    pub fn backward(&self) -> Result<GradStore> {
+        let mut grads = self.loss.total.backward()?;
+        if let Some(sink) = &self.checkpoint {
+            sink.merge_into(&mut grads)?;
+        }
+        Ok(grads)
+    }
+}
+
 /// A MoR / recursive / vanilla Llama model.
 #[derive(Debug, Clone)]
 pub struct MorModel {
@@ -119,6 +148,10 @@ pub struct MorModel {
     rope: Rope,
     routing: Routing,
     params: ParamStore,
+    /// Fused training ops (`ops`) instead of the composed reference ones.
+    fused: bool,
+    /// Activation checkpointing of every layer in [`Self::forward_loss`].
+    checkpointing: bool,
 }
 
 impl MorModel {
@@ -212,6 +245,8 @@ impl MorModel {
             rope,
             routing,
             params: ParamStore::with_dtype(store.device(), 0, store.dtype()),
+            fused: true,
+            checkpointing: false,
         })
     }
 
@@ -234,6 +269,34 @@ impl MorModel {
     /// Device of the parameters.
     pub fn device(&self) -> &Device {
         self.params.device()
+    }
+
+    /// Use the fused training ops of [`ops`] (the default) or the composed reference ops, in every layer, the final
+    /// norm and the LM head with its cross-entropy ([`Self::forward_loss`]). Both compute the same function; the
+    /// reference path is kept for cross-checks (`tests/fused.rs`).
+    pub fn set_fused_ops(&mut self, on: bool) {
+        self.fused = on;
+        for l in &mut self.layers {
+            l.set_fused(on);
+        }
+        self.norm.set_fused(on);
+    }
+
+    /// Whether the fused training ops are in use.
+    pub fn fused_ops(&self) -> bool {
+        self.fused
+    }
+
+    /// Checkpoint the activations of each layer in [`Self::forward_loss`] (off by default): the backward pass
+    /// recomputes a layer instead of keeping its intermediates (`ops::checkpoint`). Layers whose K/V a later
+    /// recursion reads (recursive KV sharing) keep their graph, since their K/V outlive them.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// The model's unrolled layers, in order.
@@ -283,6 +346,25 @@ impl MorModel {
 
     /// Run the model on ids [B, T] (u32 or i64). T must not exceed the context length.
     pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let (normed, routing, router_losses, hidden_states) =
+            self.forward_hidden(ids, opts, None)?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(ForwardOutput {
+            logits: layers::linear(&normed, w)?,
+            routing,
+            router_losses,
+            hidden_states,
+        })
+    }
+
+    /// The forward pass up to and including the final norm: the normed hidden states [B, T, d], the routing, the
+    /// router losses and the recorded hidden states.
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        checkpoint: Option<&Arc<GradSink>>,
+    ) -> Result<(Tensor, RoutingTrace, RouterLosses, Vec<Tensor>)> {
         let (b, t) = ids.dims2()?;
         if t == 0 || t > self.rope.max_positions() {
             return Err(MorError::Request(format!(
@@ -324,12 +406,20 @@ impl MorModel {
                 (_, true) => BlockKv::Shared(&shared),
                 _ => BlockKv::Own,
             };
-            let (out, used) = run_block(&layers, x, subset, &self.rope, kv)?;
+            // Checkpointed layers return no K/V: only where no later recursion reads them.
+            let keeps_kv = match &sharing {
+                None => false,
+                Some(k) => !reads || k.update_cache,
+            };
+            let ckpt = checkpoint.filter(|_| !keeps_kv);
+            let (out, used) = run_block(&layers, x, subset, &self.rope, kv, ckpt)?;
             if sharing.is_some() {
                 for (i, kv) in range.zip(used) {
                     let s = self.kv_source_layer(i);
                     if s == i || sharing.as_ref().is_some_and(|k| k.update_cache) {
-                        slots.insert(s, kv);
+                        if let Some(kv) = kv {
+                            slots.insert(s, kv);
+                        }
                     }
                 }
             }
@@ -384,14 +474,7 @@ impl MorModel {
             hidden.pop();
             hidden.push(normed.clone());
         }
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = layers::linear(&normed, w)?;
-        Ok(ForwardOutput {
-            logits,
-            routing,
-            router_losses,
-            hidden_states: hidden,
-        })
+        Ok((normed, routing, router_losses, hidden))
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {
@@ -429,9 +512,66 @@ impl MorModel {
             .reshape((b * (t - 1), 1))?;
         let logp = log_softmax_last(&logits)?;
         let ce_sum = logp.gather(&targets, D::Minus1)?.sum_all()?.neg()?;
+        self.objective(ce_sum, &out.router_losses, b, t, num_items)
+    }
+
+    /// Forward pass and training objective on ids [B, T], as [`Self::forward`] then [`Self::loss`] compute it. With
+    /// the fused ops the LM head and cross-entropy run in row chunks ([`ops::lm_head_cross_entropy`]), so the
+    /// `[B·T, V]` logits never exist.
+    pub fn forward_loss(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        num_items: usize,
+    ) -> Result<TrainOutput> {
+        let sink = self.checkpointing.then(|| Arc::new(GradSink::default()));
+        let (b, t) = ids.dims2()?;
+        let (normed, routing, router_losses, _) = self.forward_hidden(ids, opts, sink.as_ref())?;
+        if !self.fused {
+            let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+            let out = ForwardOutput {
+                logits: layers::linear(&normed, w)?,
+                routing,
+                router_losses,
+                hidden_states: Vec::new(),
+            };
+            let loss = self.loss(&out, ids, num_items)?;
+            return Ok(TrainOutput {
+                loss,
+                routing: out.routing,
+                router_losses: out.router_losses,
+                checkpoint: sink,
+            });
+        }
+        let d = self.cfg.hidden_size;
+        let h = normed.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?;
+        let targets: Vec<u32> = ids
+            .narrow(1, 1, t - 1)?
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let ce_sum = ops::lm_head_cross_entropy(&h, w, &targets)?;
+        let loss = self.objective(ce_sum, &router_losses, b, t, num_items)?;
+        Ok(TrainOutput {
+            loss,
+            routing,
+            router_losses,
+            checkpoint: sink,
+        })
+    }
+
+    /// The objective from the summed cross-entropy and the router losses of a [B, T] batch.
+    fn objective(
+        &self,
+        ce_sum: Tensor,
+        l: &RouterLosses,
+        b: usize,
+        t: usize,
+        num_items: usize,
+    ) -> Result<LossBreakdown> {
         let lm = (&ce_sum / num_items as f64)?;
         let mut total = lm.clone();
-        let l = &out.router_losses;
         let scale = (b * t) as f64 / num_items as f64;
         // Weighted auxiliary terms (official trainer_pt.py). The aux router sees detached inputs, so its BCE
         // (weight 1) trains only the aux router, as the official separate backward does.

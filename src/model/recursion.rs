@@ -5,10 +5,13 @@
 //! RoPE positions, and the rows of real tokens are returned in flat order. Padding sits after every real token, so a
 //! plain causal mask already keeps it invisible to real tokens.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::model::layers::{position_mask, DecoderLayer, KeyValue, KvSource, Rope};
+use crate::model::ops::{checkpointed_layer, GradSink};
 
 /// The tokens active at one depth: for each sequence of the batch, ascending positions in `0..t`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,13 +151,17 @@ fn overwrite_kv(full: &Tensor, fresh: &Tensor, subset: &Subset) -> Result<Tensor
 
 /// Run `layers` on the subset of `x` ([B·T, d] flat). Returns the outputs of the active tokens ([N, d], in the
 /// subset's flat order) and, per layer, the K/V it attended over.
+///
+/// With `checkpoint`, layers run checkpointed ([`checkpointed_layer`]; their weight gradients go to the sink) and
+/// their K/V are not returned (`None`): the caller passes it only when it does not keep the K/V of this block.
 pub fn run_block(
     layers: &[&DecoderLayer],
     x: &Tensor,
     subset: &Subset,
     rope: &Rope,
     kv: BlockKv,
-) -> Result<(Tensor, Vec<KeyValue>)> {
+    checkpoint: Option<&Arc<GradSink>>,
+) -> Result<(Tensor, Vec<Option<KeyValue>>)> {
     let dev = x.device();
     let d = x.dim(1)?;
     let b = subset.rows.len();
@@ -187,20 +194,39 @@ pub fn run_block(
     };
     let mut kvs = Vec::with_capacity(layers.len());
     for (j, layer) in layers.iter().enumerate() {
-        let (out, used) = match kv {
-            BlockKv::Own => layer.forward(&h, &cos, &sin, &self_mask, KvSource::Own)?,
-            BlockKv::Shared(shared) => {
+        let (out, used) = match (kv, checkpoint) {
+            (BlockKv::Own, Some(sink)) => (
+                checkpointed_layer(layer, &h, &cos, &sin, &self_mask, KvSource::Own, sink)?,
+                None,
+            ),
+            (BlockKv::Shared(shared), Some(sink)) => {
                 let mask = shared_mask.as_ref().unwrap_or(&self_mask);
-                layer.forward(&h, &cos, &sin, mask, KvSource::Shared(&shared[j]))?
+                let src = KvSource::Shared(&shared[j]);
+                (
+                    checkpointed_layer(layer, &h, &cos, &sin, mask, src, sink)?,
+                    None,
+                )
             }
-            BlockKv::SharedUpdate(shared) => {
+            (BlockKv::Own, None) => {
+                let (out, kv) = layer.forward(&h, &cos, &sin, &self_mask, KvSource::Own)?;
+                (out, Some(kv))
+            }
+            (BlockKv::Shared(shared), None) => {
+                let mask = shared_mask.as_ref().unwrap_or(&self_mask);
+                let (out, kv) =
+                    layer.forward(&h, &cos, &sin, mask, KvSource::Shared(&shared[j]))?;
+                (out, Some(kv))
+            }
+            // The fresh K/V are merged into the shared ones before the layer runs: not checkpointed.
+            (BlockKv::SharedUpdate(shared), _) => {
                 let fresh = layer.attn.key_value(&layer.attn_input(&h)?, &cos, &sin)?;
                 let merged = KeyValue {
                     k: overwrite_kv(&shared[j].k, &fresh.k, subset)?,
                     v: overwrite_kv(&shared[j].v, &fresh.v, subset)?,
                 };
                 let mask = shared_mask.as_ref().unwrap_or(&self_mask);
-                layer.forward(&h, &cos, &sin, mask, KvSource::Shared(&merged))?
+                let (out, kv) = layer.forward(&h, &cos, &sin, mask, KvSource::Shared(&merged))?;
+                (out, Some(kv))
             }
         };
         h = out;

@@ -1,5 +1,6 @@
 //! Training: AdamW, clipping and LR schedules, the trainer, up-training from pretrained models, metrics and plots.
 
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

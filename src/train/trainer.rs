@@ -337,6 +337,17 @@ impl Trainer {
         &self.model
     }
 
+    /// The training settings.
+    pub fn train_config(&self) -> &TrainConfig {
+        &self.train
+    }
+
+    /// Turn activation checkpointing on or off for the coming steps ([`MorModel::set_checkpointing`]; same
+    /// gradients, less memory, one more forward pass of compute).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.model.set_checkpointing(on);
+    }
+
     /// Completed steps.
     pub fn step(&self) -> usize {
         self.state.step
@@ -425,8 +436,10 @@ impl Trainer {
         for _ in 0..accum {
             let ids = self.state.sampler.next_batch(&self.data, b)?;
             let ids = Tensor::from_vec(ids, (b, t), self.model.device())?;
-            let out = self.model.forward(&ids, &ForwardOptions::train(step))?;
-            let loss = self.model.loss(&out, &ids, num_items)?;
+            let out = self
+                .model
+                .forward_loss(&ids, &ForwardOptions::train(step), num_items)?;
+            let loss = &out.loss;
             ce_sum += loss.ce_sum.to_scalar::<f32>()? as f64;
             n_targets += loss.n_targets;
             total += loss.total.to_scalar::<f32>()? as f64;
@@ -455,7 +468,7 @@ impl Trainer {
                 }
                 RoutingTrace::None => {}
             }
-            let grads = loss.total.backward()?;
+            let grads = out.backward()?;
             acc = Some(match acc.take() {
                 None => keep_only(grads, &vars),
                 Some(mut a) => {
