@@ -6,9 +6,12 @@
 //! - [`train`]: training step time and peak memory (`mor bench train`).
 //! - [`generate`]: generation throughput under continuous depth-wise batching (`mor bench generate`).
 //! - [`machine`]: GEMM GFLOP/s and read bandwidth (`mor bench machine`).
+//! - [`model`]: prefill / decode tokens/s and peak memory of one model, as llama.cpp's llama-bench measures them
+//!   (`mor bench model`).
 
 pub mod generate;
 pub mod machine;
+pub mod model;
 pub mod train;
 
 /// The 1-, 5- and 15-minute load averages (Linux), for the record of how busy the machine was.

@@ -40,6 +40,38 @@ pub enum BenchCommand {
         #[arg(long, default_value = "1,8,20,32,50,128")]
         rows: String,
     },
+    /// Prefill and decode tokens/s and peak memory of one model (GGUF file or checkpoint), as llama.cpp's
+    /// llama-bench / llama-batched-bench measure them.
+    Model {
+        /// A .gguf file or a checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Run on the stored quantized weights (GGUF only; an error names any tensor the kernels cannot run).
+        #[arg(long)]
+        quantized: bool,
+        /// Engine threads (default: the cores available).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Prompt tokens per sequence (prefill; 0 skips it).
+        #[arg(long, default_value_t = 512)]
+        prompt_len: usize,
+        /// Decoded tokens per sequence (0 skips it).
+        #[arg(long, default_value_t = 128)]
+        gen_len: usize,
+        /// Batch sizes (comma-separated).
+        #[arg(long, default_value = "1")]
+        batch: String,
+        /// Decode after the prefilled prompts (as llama-batched-bench) instead of from an empty context (as
+        /// llama-bench).
+        #[arg(long)]
+        decode_from_prompt: bool,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// One JSON object per batch size instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Training throughput and peak memory of vanilla, recursive and MoR at the same shape.
     Train(TrainBenchArgs),
     /// Generation throughput (KV cache, continuous / depth-wise batching) of vanilla, recursive and MoR.
@@ -150,6 +182,66 @@ pub fn run_flops(a: &FlopsArgs) -> Result<()> {
 /// Run one benchmark and print its report.
 pub fn run_bench(c: BenchCommand) -> Result<()> {
     match c {
+        BenchCommand::Model {
+            model,
+            quantized,
+            threads,
+            prompt_len,
+            gen_len,
+            batch,
+            decode_from_prompt,
+            reps,
+            json,
+        } => {
+            if let Some(n) = threads {
+                super::generate::apply_threads(n)?;
+            }
+            let batches = batch
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .with_context(|| format!("--batch: {x:?} is not a positive integer"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = mor::io::load::LoadOptions {
+                quantized,
+                ..Default::default()
+            };
+            let mut loaded = mor::io::load::load(&model, &opts)?;
+            let weights = loaded.quantized.take();
+            let m = &loaded.model;
+            let precision = match &weights {
+                Some(w) => format!("{} (quantized kernels)", w.formats()),
+                None => "f32".to_string(),
+            };
+            let cm = match weights {
+                Some(w) => mor::engine::CachedModel::quantized(m, w)?,
+                None => mor::engine::CachedModel::new(m)?,
+            };
+            let o = mor::bench::model::ModelBenchOptions {
+                model: model
+                    .file_name()
+                    .map_or_else(|| model.display().to_string(), |f| f.to_string_lossy().into()),
+                precision,
+                prompt_len,
+                gen_len,
+                batches,
+                reps,
+                decode_from_prompt,
+                threads: mor::engine::num_threads(),
+            };
+            let report = mor::bench::model::bench_model(&cm, &o)?;
+            if json {
+                for l in report.json_lines() {
+                    println!("{l}");
+                }
+            } else {
+                println!("{report}");
+            }
+        }
         BenchCommand::Train(a) => {
             println!(
                 "{}",

@@ -12,10 +12,13 @@ pub struct GenerateArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json), a run directory, or a .gguf file.
     #[arg(long, visible_alias = "model")]
     pub checkpoint: PathBuf,
-    /// With a .gguf checkpoint: run the matmuls on the stored quantized weights (candle's quantized matmul)
-    /// instead of dequantized f32.
+    /// With a .gguf checkpoint: run the matmuls, embedding and LM head on the stored quantized weights (the
+    /// engine's integer kernels) instead of dequantized f32; no dense copy is made.
     #[arg(long)]
     pub quantized: bool,
+    /// Threads of the engine (default: the cores available).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// tokenizer.json (default: the one in the checkpoint).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -51,8 +54,22 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
 }
 
+/// Set the engine's thread count from a `--threads` flag.
+pub fn apply_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        anyhow::bail!("--threads must be positive");
+    }
+    if !mor::engine::set_thread_count(n) {
+        anyhow::bail!("--threads {n}: the engine's thread pool already runs with another count");
+    }
+    Ok(())
+}
+
 /// Generate from a checkpoint or GGUF file, streaming the text to stdout; returns the generated text.
 pub fn run_generate(a: &GenerateArgs) -> Result<String> {
+    if let Some(n) = a.threads {
+        apply_threads(n)?;
+    }
     let opts = LoadOptions {
         tokenizer: a.tokenizer.clone(),
         quantized: a.quantized,
@@ -77,7 +94,7 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
         let _ = std::io::stdout().flush();
     };
     let cached = match quantized {
-        Some(weights) => Some(mor::engine::CachedModel::new(model)?.with_quantized(weights)?),
+        Some(weights) => Some(mor::engine::CachedModel::quantized(model, weights)?),
         None => None,
     };
     let start = std::time::Instant::now();

@@ -2,20 +2,24 @@
 //! caches, and matmuls on dense or quantized weights, as plain loops over f32 rows. At decode sizes candle's per-op
 //! overhead, not arithmetic, dominates, so everything between the matmuls runs here (measured; docs/benchmarks.md).
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
 
 use crate::engine::cache::LayerKv;
-use crate::error::Result;
+use crate::engine::dense;
+use crate::engine::quant::QMatrix;
+use crate::error::{MorError, Result};
 
 /// A matmul weight of the engine.
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
-    /// f32, pre-transposed to [in, out].
+    /// f32 [out, in] (contiguous): few rows run [`dense::matmul_rows`], more run candle's GEMM on the transposed
+    /// view.
     Dense(Tensor),
-    /// A GGUF tensor in its stored format, [out, in], multiplied by candle's quantized matmul (the activations are
-    /// quantized to the matching 8-bit format, as llama.cpp does).
-    Quantized(QMatMul),
+    /// A GGUF tensor in its stored format, [out, in], multiplied by the engine's quantized kernels (the activations
+    /// are quantized to 8 bits, as llama.cpp does).
+    Quantized(Arc<QMatrix>),
 }
 
 /// RMSNorm of each row of `x` ([n, d], d = w.len()): x / sqrt(mean(x²) + ε) · w.
@@ -29,14 +33,27 @@ pub(crate) fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// `x @ w` for rows x [n, k] (owned, moved into the tensor) and a [k, m] weight, as a flat Vec.
+/// `x · Wᵀ` for rows x [n, k] (owned, moved into the tensor) and a weight [m, k], as a flat Vec [n, m].
 pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>> {
     let k = x.len() / n.max(1);
-    let y = match w {
-        Weight::Dense(w) => Tensor::from_vec(x, (n, k), w.device())?.matmul(w)?,
-        Weight::Quantized(q) => q.forward(&Tensor::from_vec(x, (n, k), &Device::Cpu)?)?,
-    };
-    Ok(y.flatten_all()?.to_vec1()?)
+    match w {
+        Weight::Quantized(q) => Ok(q.matmul(&x, n)),
+        Weight::Dense(w) if n <= dense::MAX_ROWS => {
+            let (storage, layout) = w.storage_and_layout();
+            let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                return Err(MorError::Config(
+                    "dense engine weights must be contiguous f32 on the CPU".into(),
+                ));
+            };
+            Ok(dense::matmul_rows(&v[a..b], w.dim(0)?, &x, n))
+        }
+        Weight::Dense(w) => Ok(Tensor::from_vec(x, (n, k), w.device())?
+            .matmul(&w.t()?)?
+            .flatten_all()?
+            .to_vec1()?),
+    }
 }
 
 /// Rotate one head vector in place with the cos/sin rows of its position.
@@ -72,20 +89,36 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// candle's thread count, read once: `candle_core::utils::get_num_threads` re-detects the CPUs (parsing /proc) on
-/// every call unless RAYON_NUM_THREADS is set.
+/// The engine's thread count: the matmul [`pool`](crate::engine::pool)'s, which candle's matmuls are pinned to as
+/// well ([`pin_thread_count`]).
 pub fn num_threads() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(candle_core::utils::get_num_threads)
+    crate::engine::pool::threads()
 }
 
-/// Pin candle's thread count (RAYON_NUM_THREADS) to its detected value, once, at program start-up: candle asks for it
-/// on every matmul and without the variable re-reads /proc each time (a quarter of batch-1 decode time in a profile).
-/// Call before any other thread exists (it sets an environment variable).
+/// Pin candle's thread count (RAYON_NUM_THREADS) to the engine's, once, at program start-up: candle asks for it on
+/// every matmul and without the variable re-reads /proc each time (a quarter of batch-1 decode time in a profile).
+/// A RAYON_NUM_THREADS already set sets the engine's count too. Call before any other thread exists (it sets an
+/// environment variable).
 pub fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", num_threads().to_string());
+    match std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => {
+            crate::engine::pool::set_threads(n);
+        }
+        _ => {
+            set_thread_count(num_threads());
+        }
     }
+}
+
+/// Set the thread count of the engine and of candle (a `--threads` flag): call before any model work and before
+/// any other thread exists (it sets RAYON_NUM_THREADS). Returns false when the engine's pool had already started
+/// with another count.
+pub fn set_thread_count(n: usize) -> bool {
+    std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    crate::engine::pool::set_threads(n)
 }
 
 /// Attention of query rows `q` ([n, ·] with stride `q_stride`, the first H·hd of each row are the rotated queries) each over its own cache (`items[i]`: the cache and the query's
@@ -100,7 +133,7 @@ pub(crate) fn attend(
     hd: usize,
 ) -> Vec<f32> {
     let n = items.len();
-    let mut out = vec![0f32; n * nh * hd];
+    let mut out = crate::alloc::filled_vec(n * nh * hd);
     let work: usize = items.iter().map(|(c, p)| c.visible(*p)).sum::<usize>() * nh * hd;
     let threads = num_threads().clamp(1, n.max(1));
     // Below ~1 MFLOP a thread costs more than it saves.

@@ -3,6 +3,8 @@
 //!
 //! - [`cache`]: per-sequence, per-layer K/V caches (recursion-wise caching or recursive KV sharing), in bytes.
 //! - [`kernels`]: the f32 row kernels (RMSNorm, RoPE, attention over per-sequence caches, matmuls).
+//! - [`quant`], [`dense`]: the matmuls themselves, on quantized GGUF blocks (integer SIMD) and on few dense rows;
+//!   [`pool`]: the thread pool they run on.
 //! - [`step`]: [`CachedModel::step`], prefill and decode over many sequences at once, with the causal routing rule
 //!   of full-sequence causal forwards, so both give the same logits.
 //! - [`pipeline`]: [`CachedModel::pipeline_step`], the paper's asynchronous depth-wise batching: one shared-block
@@ -12,14 +14,17 @@
 
 pub mod batch;
 pub mod cache;
+pub mod dense;
 pub mod generate;
 pub mod kernels;
 pub mod pipeline;
+pub mod pool;
+pub mod quant;
 pub mod sampling;
 pub mod step;
 
 pub use batch::{Engine, EngineOptions, EngineStats, Finish, Finished, RequestId};
 pub use cache::{LayerKv, SeqKv};
-pub use kernels::{num_threads, pin_thread_count};
+pub use kernels::{num_threads, pin_thread_count, set_thread_count};
 pub use pipeline::{Flight, PipelineOutput};
 pub use step::{CachedModel, StepOptions, StepOutput};

@@ -10,16 +10,17 @@
 //! Routing follows [`ForwardOptions::causal`](crate::model::ForwardOptions::causal) exactly (docs/architecture.md S5): each token
 //! is routed from its own hidden state only, so the cached result equals the full-sequence causal forward.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
 
 use crate::engine::cache::{LayerKv, SeqKv};
 use crate::engine::kernels::{attend, matmul_rows, rms_rows, rope_in_place, to_f32_vec, Weight};
+use crate::engine::quant::QMatrix;
 use crate::error::{MorError, Result};
 use crate::model::{routing, MorModel, Routing};
 
-/// One layer prepared for decoding: fused, pre-transposed f32 weights (`x @ w` is a plain row-major GEMM and
-/// q/k/v, gate/up are one matmul each) and the norm scales. Everything between the matmuls runs as plain loops over
+/// One layer prepared for decoding: fused weights (q/k/v, gate/up are one matmul each) and the norm scales. Everything between the matmuls runs as plain loops over
 /// the rows: at decode sizes candle's per-op overhead, not arithmetic, dominates (measured, see the report).
 #[derive(Debug, Clone)]
 struct FusedLayer {
@@ -75,8 +76,16 @@ pub struct CachedModel<'m> {
     /// RoPE tables [max_pos, hd] (the model's, in f32).
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// The LM head as a quantized matmul ([`CachedModel::with_quantized`]); `None`: the model's own head.
-    quantized_head: Option<QMatMul>,
+    /// The token embedding and LM head as stored in a GGUF file ([`CachedModel::quantized`]); `None`: the model's
+    /// own.
+    quantized_tables: Option<QuantizedTables>,
+}
+
+/// The token embedding and LM head of a quantized model (the same matrix when tied).
+#[derive(Debug, Clone)]
+struct QuantizedTables {
+    embed: Arc<QMatrix>,
+    head: Arc<QMatrix>,
 }
 
 /// The new tokens of one step, flattened.
@@ -101,6 +110,102 @@ impl<'m> CachedModel<'m> {
     /// (`kv_sharing.update_cache`, whose overwritten K/V would need per-depth copies) and KV sharing under
     /// expert-choice whose first recursion does not keep every token (deeper depths would lack keys).
     pub fn new(model: &'m MorModel) -> Result<Self> {
+        Self::check(model)?;
+        let mut by_source: std::collections::HashMap<usize, FusedLayer> = Default::default();
+        let mut fused = Vec::with_capacity(model.layers().len());
+        for (i, layer) in model.layers().iter().enumerate() {
+            let src = model.layout().source[i];
+            if let std::collections::hash_map::Entry::Vacant(e) = by_source.entry(src) {
+                let [q, k, v, o] = layer.attn.weights();
+                let [g, u, dn] = layer.mlp().weights();
+                // [out, in] as stored (no copy for weights that are already f32 and contiguous).
+                let prep = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+                let (n_in, n_post) = layer.norms();
+                let f = FusedLayer {
+                    qkv: Weight::Dense(prep(Tensor::cat(&[q, k, v], 0)?)?),
+                    q: Weight::Dense(prep(q.clone())?),
+                    o: Weight::Dense(prep(o.clone())?),
+                    gate_up: Weight::Dense(prep(Tensor::cat(&[g, u], 0)?)?),
+                    down: Weight::Dense(prep(dn.clone())?),
+                    norm_in: to_f32_vec(n_in.parts().0)?,
+                    norm_post: to_f32_vec(n_post.parts().0)?,
+                };
+                e.insert(f);
+            }
+            fused.push(by_source[&src].clone());
+        }
+        Self::assemble(model, fused, None)
+    }
+
+    /// Prepare the vanilla `model` whose weights are `weights`, read from its GGUF file in their stored format:
+    /// every matmul (layers and LM head) and the embedding lookup run on the quantized blocks with the engine's
+    /// integer kernels ([`crate::engine::quant`]); no dense copy of a matmul weight is made, and the model's own
+    /// dense matmul weights and embedding are never read (so they may be placeholders, as
+    /// [`GgufFile::quantized_model`](crate::io::gguf::GgufFile::quantized_model) makes them). Norms, RoPE and
+    /// attention stay f32. Checked by layer count and shape.
+    pub fn quantized(model: &'m MorModel, weights: crate::io::gguf::QuantizedWeights) -> Result<Self> {
+        Self::check(model)?;
+        let cfg = model.config();
+        if cfg.recursion.is_some() || cfg.mor.is_some() {
+            return Err(MorError::Config(
+                "quantized inference runs vanilla GGUF models only".into(),
+            ));
+        }
+        if weights.layers.len() != model.layers().len() {
+            return Err(MorError::Config(format!(
+                "{} quantized layers for a model with {}",
+                weights.layers.len(),
+                model.layers().len()
+            )));
+        }
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let qw = |w: QMatrix, what: &str, rows: usize, cols: usize| -> Result<Weight> {
+            if (w.rows(), w.cols()) != (rows, cols) {
+                return Err(MorError::Config(format!(
+                    "quantized {what} of shape [{}, {}], expected [{rows}, {cols}]",
+                    w.rows(),
+                    w.cols()
+                )));
+            }
+            Ok(Weight::Quantized(Arc::new(w)))
+        };
+        let mut fused = Vec::with_capacity(weights.layers.len());
+        for (layer, q) in model.layers().iter().zip(weights.layers) {
+            let (n_in, n_post) = layer.norms();
+            fused.push(FusedLayer {
+                qkv: qw(q.qkv, "q/k/v", (nh + 2 * nkv) * hd, d)?,
+                q: qw(q.q, "q", nh * hd, d)?,
+                o: qw(q.o, "o", d, nh * hd)?,
+                gate_up: qw(q.gate_up, "gate/up", 2 * f, d)?,
+                down: qw(q.down, "down", d, f)?,
+                norm_in: to_f32_vec(n_in.parts().0)?,
+                norm_post: to_f32_vec(n_post.parts().0)?,
+            });
+        }
+        let v = cfg.vocab_size;
+        for (t, what) in [(&weights.embed, "embedding"), (&weights.head, "LM head")] {
+            if (t.rows(), t.cols()) != (v, d) {
+                return Err(MorError::Config(format!(
+                    "quantized {what} of shape [{}, {}], expected [{v}, {d}]",
+                    t.rows(),
+                    t.cols()
+                )));
+            }
+        }
+        let tables = QuantizedTables {
+            embed: weights.embed,
+            head: weights.head,
+        };
+        Self::assemble(model, fused, Some(tables))
+    }
+
+    /// The configurations the cache does not support.
+    fn check(model: &MorModel) -> Result<()> {
         let cfg = model.config();
         if let Some(kv) = &cfg.kv_sharing {
             if kv.update_cache {
@@ -117,30 +222,14 @@ impl<'m> CachedModel<'m> {
                 ));
             }
         }
-        let mut by_source: std::collections::HashMap<usize, FusedLayer> = Default::default();
-        let mut fused = Vec::with_capacity(model.layers().len());
-        for (i, layer) in model.layers().iter().enumerate() {
-            let src = model.layout().source[i];
-            if let std::collections::hash_map::Entry::Vacant(e) = by_source.entry(src) {
-                let [q, k, v, o] = layer.attn.weights();
-                let [g, u, dn] = layer.mlp().weights();
-                let prep = |t: Tensor| -> Result<Tensor> {
-                    Ok(t.to_dtype(DType::F32)?.t()?.contiguous()?)
-                };
-                let (n_in, n_post) = layer.norms();
-                let f = FusedLayer {
-                    qkv: Weight::Dense(prep(Tensor::cat(&[q, k, v], 0)?)?),
-                    q: Weight::Dense(prep(q.clone())?),
-                    o: Weight::Dense(prep(o.clone())?),
-                    gate_up: Weight::Dense(prep(Tensor::cat(&[g, u], 0)?)?),
-                    down: Weight::Dense(prep(dn.clone())?),
-                    norm_in: to_f32_vec(n_in.parts().0)?,
-                    norm_post: to_f32_vec(n_post.parts().0)?,
-                };
-                e.insert(f);
-            }
-            fused.push(by_source[&src].clone());
-        }
+        Ok(())
+    }
+
+    fn assemble(
+        model: &'m MorModel,
+        fused: Vec<FusedLayer>,
+        quantized_tables: Option<QuantizedTables>,
+    ) -> Result<Self> {
         let dims = model.layers().first().map_or((1, 1, 1), |l| l.attn.dims());
         let eps = model
             .layers()
@@ -158,63 +247,42 @@ impl<'m> CachedModel<'m> {
             eps,
             cos: to_f32_vec(&cos)?,
             sin: to_f32_vec(&sin)?,
-            quantized_head: None,
+            quantized_tables,
         })
-    }
-
-    /// Run every matmul (layers and LM head) on `weights` as stored in a GGUF file (e.g. Q4_1), with candle's
-    /// quantized matmul instead of the dense f32 weights; embedding lookup, norms, RoPE and attention stay f32.
-    /// Only for the vanilla model the weights were read from (checked by count and shape).
-    pub fn with_quantized(mut self, weights: crate::io::gguf::QuantizedWeights) -> Result<Self> {
-        let cfg = self.model.config();
-        if cfg.recursion.is_some() || cfg.mor.is_some() {
-            return Err(MorError::Config(
-                "quantized inference runs vanilla GGUF models only".into(),
-            ));
-        }
-        if weights.layers.len() != self.fused.len() {
-            return Err(MorError::Config(format!(
-                "{} quantized layers for a model with {}",
-                weights.layers.len(),
-                self.fused.len()
-            )));
-        }
-        let qmm = |t: candle_core::quantized::QTensor, dense: &Weight| -> Result<Weight> {
-            // Dense weights are [in, out]; quantized ones [out, in].
-            if let Weight::Dense(w) = dense {
-                if t.shape().dims() != [w.dim(1)?, w.dim(0)?] {
-                    return Err(MorError::Config(format!(
-                        "quantized weight of shape {:?} for a dense one of shape {:?}",
-                        t.shape().dims(),
-                        w.dims()
-                    )));
-                }
-            }
-            Ok(Weight::Quantized(QMatMul::from_qtensor(t)?))
-        };
-        for (f, q) in self.fused.iter_mut().zip(weights.layers) {
-            f.qkv = qmm(q.qkv, &f.qkv)?;
-            f.q = qmm(q.q, &f.q)?;
-            f.o = qmm(q.o, &f.o)?;
-            f.gate_up = qmm(q.gate_up, &f.gate_up)?;
-            f.down = qmm(q.down, &f.down)?;
-        }
-        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        if weights.head.shape().dims() != [v, d] {
-            return Err(MorError::Config(format!(
-                "quantized LM head of shape {:?}, expected [{v}, {d}]",
-                weights.head.shape().dims()
-            )));
-        }
-        self.quantized_head = Some(QMatMul::from_qtensor(weights.head)?);
-        Ok(self)
     }
 
     /// Final norm and LM head.
     pub(super) fn head(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.quantized_head {
-            Some(q) => Ok(q.forward(&self.model.final_norm(x)?.to_dtype(DType::F32)?)?),
+        match &self.quantized_tables {
+            Some(t) => {
+                let n = x.dim(0)?;
+                let h = to_f32_vec(&self.model.final_norm(x)?)?;
+                Ok(Tensor::from_vec(t.head.matmul(&h, n), (n, t.head.rows()), x.device())?)
+            }
             None => self.model.head(x),
+        }
+    }
+
+    /// Embedding rows [n, d] of the token ids (on the quantized table when there is one).
+    fn embed(&self, ids: Vec<u32>) -> Result<Tensor> {
+        let dev = self.model.device();
+        let n = ids.len();
+        match &self.quantized_tables {
+            Some(t) => {
+                let d = t.embed.cols();
+                let mut x = crate::alloc::filled_vec(n * d);
+                for (row, &id) in x.chunks_exact_mut(d).zip(&ids) {
+                    t.embed.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(x, (n, d), dev)?.to_dtype(self.dtype)?)
+            }
+            None => {
+                let d = self.model.config().hidden_size;
+                Ok(self
+                    .model
+                    .embed(&Tensor::from_vec(ids, (1, n), dev)?)?
+                    .reshape((n, d))?)
+            }
         }
     }
 
@@ -274,11 +342,7 @@ impl<'m> CachedModel<'m> {
         }
         let n = ids.len();
         let dev = self.model.device();
-        let d = cfg.hidden_size;
-        let x = self
-            .model
-            .embed(&Tensor::from_vec(ids, (1, n), dev)?)?
-            .reshape((n, d))?;
+        let x = self.embed(ids)?;
         let mut rows = Rows { seq, pos, caches };
         let all: Vec<usize> = (0..n).collect();
         let layout = self.model.layout();

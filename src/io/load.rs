@@ -28,7 +28,9 @@ pub struct LoadOptions {
     /// Keep the weights trainable (`Var`s, for `train --init-from` and up-training). Inference and evaluation load
     /// frozen weights, so no autograd graph is kept alive.
     pub trainable: bool,
-    /// Also read the GGUF file's quantized matmul weights (for the engine's quantized path).
+    /// Read the GGUF file's weights as stored, for the engine's quantized path ([`LoadedModel::quantized`]); the
+    /// model is then only a frame for [`CachedModel::quantized`](crate::engine::CachedModel::quantized), its dense
+    /// matmul weights placeholders ([`GgufFile::quantized_model`]).
     pub quantized: bool,
 }
 
@@ -40,7 +42,7 @@ pub struct LoadedModel {
     /// Its tokenizer: the one given, the checkpoint's tokenizer.json, or the GGUF file's vocabulary; `None` when the
     /// checkpoint has none.
     pub tokenizer: Option<Tokenizer>,
-    /// The quantized weights, when asked for.
+    /// The weights as stored in the GGUF file, when asked for.
     pub quantized: Option<QuantizedWeights>,
     /// Where it came from.
     pub source: ModelSource,
@@ -94,12 +96,25 @@ impl ModelSource {
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let source = ModelSource::resolve(path)?;
     let dev = Device::Cpu;
-    let (model, own_tokenizer) = match &source {
+    let (model, own_tokenizer, quantized) = match &source {
+        ModelSource::Gguf(p) if opts.quantized => {
+            // The stored weights only: the model is a frame whose dense matmul weights are placeholders.
+            let mut f = GgufFile::open(p)?;
+            let tok = f.tokenizer()?;
+            let (m, w) = f.quantized_model()?;
+            (m, Some(tok), Some(w))
+        }
         ModelSource::Gguf(p) => {
             let (m, t) = import_gguf(p, &dev)?;
-            (m, Some(t))
+            (m, Some(t), None)
         }
         ModelSource::Checkpoint(dir) => {
+            if opts.quantized {
+                return Err(MorError::Config(format!(
+                    "--quantized needs a .gguf file; {} is a checkpoint directory with f32 weights",
+                    dir.display()
+                )));
+            }
             let m = load_model(dir, &dev)
                 .map_err(|e| MorError::Config(format!("loading {}: {e}", dir.display())))?;
             let tok = dir.join("tokenizer.json");
@@ -108,18 +123,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
                 tok.exists()
                     .then(|| Tokenizer::from_file(&tok))
                     .transpose()?,
+                None,
             )
         }
-    };
-    let quantized = match (&source, opts.quantized) {
-        (ModelSource::Gguf(p), true) => Some(GgufFile::open(p)?.quantized_weights(model.config())?),
-        (ModelSource::Checkpoint(dir), true) => {
-            return Err(MorError::Config(format!(
-                "--quantized needs a .gguf file; {} is a checkpoint directory with f32 weights",
-                dir.display()
-            )))
-        }
-        (_, false) => None,
     };
     let tokenizer = match &opts.tokenizer {
         Some(p) => Some(Tokenizer::from_file(p)?),

@@ -29,6 +29,8 @@ pub struct ParamStore {
     rng: rand::rngs::StdRng,
     /// Hand out detached tensors (no autograd tracking) to model builds; see [`ParamStore::frozen`].
     frozen: bool,
+    /// [`ParamStore::insert_placeholder`]: zero views that hold no memory.
+    placeholders: BTreeMap<String, Tensor>,
 }
 
 impl ParamStore {
@@ -46,6 +48,7 @@ impl ParamStore {
             device: device.clone(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             frozen: false,
+            placeholders: BTreeMap::new(),
         }
     }
 
@@ -75,6 +78,15 @@ impl ParamStore {
     /// have the requested shape.
     pub fn get_or_init(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         self.requested.insert(name.to_string());
+        if let Some(t) = self.placeholders.get(name) {
+            if t.dims() != shape {
+                return Err(MorError::Config(format!(
+                    "parameter {name}: expected shape {shape:?}, found {:?}",
+                    t.dims()
+                )));
+            }
+            return Ok(t.clone());
+        }
         if let Some(v) = self.vars.get(name) {
             if v.dims() != shape {
                 return Err(MorError::Config(format!(
@@ -107,6 +119,15 @@ impl ParamStore {
     pub fn insert(&mut self, name: &str, t: &Tensor) -> Result<()> {
         let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
         self.vars.insert(name.to_string(), Var::from_tensor(&t)?);
+        Ok(())
+    }
+
+    /// Insert a placeholder for parameter `name`: an all-zero view of `shape` backed by a single element (stride 0),
+    /// for weights a quantized engine holds in another form and never reads here. It is not a trainable variable
+    /// and not listed by [`ParamStore::iter`]; a model computes zeros wherever it reads it.
+    pub fn insert_placeholder(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let t = Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?;
+        self.placeholders.insert(name.to_string(), t);
         Ok(())
     }
 

@@ -1,17 +1,71 @@
-//! GGUF weights kept in their stored (quantized) format for candle's quantized matmul: the q/k row permutation
-//! is undone by moving whole quantized rows, and q/k/v and gate/up are stacked by rows like the engine's dense
-//! weights, so no block is dequantized or re-quantized.
+//! GGUF weights kept in their stored (quantized) format for the engine's quantized kernels
+//! ([`crate::engine::quant`]): the q/k row permutation is undone by moving whole quantized rows, and q/k/v and
+//! gate/up are stacked by rows like the engine's dense weights (parts in different formats stay separate parts),
+//! so no block is dequantized or re-quantized.
+
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use super::GgufFile;
 use crate::config::ModelConfig;
+use crate::engine::quant::QMatrix;
 use crate::error::Result;
+use crate::model::params::ParamStore;
+use crate::model::MorModel;
 
 impl GgufFile {
-    /// The matmul weights of every layer and the LM head as stored in the file, for inference with candle's
-    /// quantized matmul ([`QuantizedWeights`]). Q/K rows are restored to the HF layout by moving whole quantized
+    /// The model for quantized inference: its config, norms and RoPE from the file, and its matmul weights (with
+    /// the token embedding) as stored, for [`CachedModel::quantized`](crate::engine::CachedModel::quantized). The
+    /// returned [`MorModel`]'s own matmul weights and embedding are zero placeholders that occupy no memory (see
+    /// [`ParamStore::insert_placeholder`]): it is only a frame for that engine, which never reads them, so the process
+    /// holds the quantized weights alone.
+    pub fn quantized_model(&mut self) -> Result<(MorModel, QuantizedWeights)> {
+        let cfg = self.config()?;
+        let weights = self.quantized_weights(&cfg)?;
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mut store = ParamStore::new(&Device::Cpu, 0);
+        store.insert_placeholder("model.embed_tokens.weight", &[v, d])?;
+        if !cfg.tie_word_embeddings {
+            store.insert_placeholder("lm_head.weight", &[v, d])?;
+        }
+        store.insert("model.norm.weight", &self.tensor_f32("output_norm.weight", &[d])?)?;
+        let (hd, nh, nkv, f) = (
+            cfg.head_dim(),
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        for l in 0..cfg.num_hidden_layers {
+            let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+            for (hf, shape) in [
+                ("self_attn.q_proj", [nh * hd, d]),
+                ("self_attn.k_proj", [nkv * hd, d]),
+                ("self_attn.v_proj", [nkv * hd, d]),
+                ("self_attn.o_proj", [d, nh * hd]),
+                ("mlp.gate_proj", [f, d]),
+                ("mlp.up_proj", [f, d]),
+                ("mlp.down_proj", [d, f]),
+            ] {
+                store.insert_placeholder(&p(hf), &shape)?;
+            }
+            for (g, hf) in [
+                ("attn_norm", "input_layernorm"),
+                ("ffn_norm", "post_attention_layernorm"),
+            ] {
+                let t = self.tensor_f32(&format!("blk.{l}.{g}.weight"), &[d])?;
+                store.insert(&p(hf), &t)?;
+            }
+        }
+        let model = MorModel::from_params(&cfg, store.frozen())
+            .map_err(|e| self.err(e.to_string()))?;
+        Ok((model, weights))
+    }
+
+    /// The matmul weights of every layer, the token embedding and the LM head as stored in the file, for the
+    /// engine's quantized kernels ([`QuantizedWeights`]). A tensor in a format they do not run (including F32 / F16)
+    /// is an error naming it and its type. Q/K rows are restored to the HF layout by moving whole quantized
     /// rows (blocks never straddle rows), so nothing is dequantized or re-quantized.
     pub fn quantized_weights(&mut self, cfg: &ModelConfig) -> Result<QuantizedWeights> {
         let (d, hd, ffn) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
@@ -30,26 +84,45 @@ impl GgufFile {
             let gate = get("ffn_gate", &[ffn, d])?;
             let up = get("ffn_up", &[ffn, d])?;
             let down = get("ffn_down", &[d, ffn])?;
-            let cat = |parts: &[&RawRows], what: &str| {
-                RawRows::cat(parts)
-                    .map_err(|m| self.err(format!("layer {l} {what}: {m}")))?
-                    .to_qtensor()
+            let qm = |r: &RawRows, what: &str| {
+                r.to_qmatrix()
+                    .map_err(|m| self.err(format!("tensor {what} {m}")))
             };
+            let (qm_q, qm_k, qm_v) = (
+                qm(&q, &format!("blk.{l}.attn_q.weight"))?,
+                qm(&k, &format!("blk.{l}.attn_k.weight"))?,
+                qm(&v, &format!("blk.{l}.attn_v.weight"))?,
+            );
+            let (qm_g, qm_u) = (
+                qm(&gate, &format!("blk.{l}.ffn_gate.weight"))?,
+                qm(&up, &format!("blk.{l}.ffn_up.weight"))?,
+            );
+            let stack = |parts: &[&QMatrix]| QMatrix::stack(parts).map_err(|m| self.err(m));
             layers.push(QuantizedLayer {
-                qkv: cat(&[&q, &k, &v], "q/k/v")?,
-                q: q.to_qtensor()?,
-                o: o.to_qtensor()?,
-                gate_up: cat(&[&gate, &up], "gate/up")?,
-                down: down.to_qtensor()?,
+                qkv: stack(&[&qm_q, &qm_k, &qm_v])?,
+                gate_up: stack(&[&qm_g, &qm_u])?,
+                q: qm_q,
+                o: qm(&o, &format!("blk.{l}.attn_output.weight"))?,
+                down: qm(&down, &format!("blk.{l}.ffn_down.weight"))?,
             });
         }
-        let head_name = if cfg.tie_word_embeddings {
-            "token_embd.weight"
-        } else {
-            "output.weight"
+        let mut table = |name: &str| -> Result<Arc<QMatrix>> {
+            let t = self.tensor_raw(name, &[cfg.vocab_size, d])?;
+            let r = RawRows::new(name, &t).map_err(|m| self.err(m))?;
+            drop(t);
+            Ok(Arc::new(r.to_qmatrix().map_err(|m| self.err(format!("tensor {name} {m}")))?))
         };
-        let head = self.tensor_raw(head_name, &[cfg.vocab_size, d])?;
-        Ok(QuantizedWeights { layers, head })
+        let embed = table("token_embd.weight")?;
+        let head = if cfg.tie_word_embeddings {
+            Arc::clone(&embed)
+        } else {
+            table("output.weight")?
+        };
+        Ok(QuantizedWeights {
+            layers,
+            embed,
+            head,
+        })
     }
 }
 
@@ -58,25 +131,48 @@ impl GgufFile {
 #[derive(Debug)]
 pub struct QuantizedLayer {
     /// Queries, keys, values stacked by rows: [(H + 2·kv)·hd, d].
-    pub qkv: QTensor,
+    pub qkv: QMatrix,
     /// Queries only: [H·hd, d].
-    pub q: QTensor,
+    pub q: QMatrix,
     /// Output projection: [d, H·hd].
-    pub o: QTensor,
+    pub o: QMatrix,
     /// Gate then up projection: [2f, d].
-    pub gate_up: QTensor,
+    pub gate_up: QMatrix,
     /// Down projection: [d, f].
-    pub down: QTensor,
+    pub down: QMatrix,
 }
 
-/// Every matmul weight of a vanilla GGUF model kept in its stored format (e.g. Q4_1), for inference with candle's
-/// quantized matmul.
+/// Every matmul weight of a vanilla GGUF model kept in its stored format (e.g. Q4_1), for the engine's quantized
+/// kernels.
 #[derive(Debug)]
 pub struct QuantizedWeights {
     /// One entry per layer.
     pub layers: Vec<QuantizedLayer>,
-    /// The LM head [vocab, d] (the token embedding when tied).
-    pub head: QTensor,
+    /// The token embedding [vocab, d] (rows are dequantized on lookup).
+    pub embed: Arc<QMatrix>,
+    /// The LM head [vocab, d] (the token embedding itself when tied).
+    pub head: Arc<QMatrix>,
+}
+
+impl QuantizedWeights {
+    /// The stored formats, most frequent (by bytes) first, e.g. "Q4_1" or "Q5_0+Q6_K+Q4_K".
+    pub fn formats(&self) -> String {
+        let mut by: Vec<(crate::engine::quant::QFormat, usize)> = Vec::new();
+        let all = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain([&*self.embed, &*self.head]);
+        for (fmt, bytes) in all.flat_map(QMatrix::formats) {
+            match by.iter_mut().find(|(f, _)| *f == fmt) {
+                Some(e) => e.1 += bytes,
+                None => by.push((fmt, bytes)),
+            }
+        }
+        by.sort_by(|a, b| b.1.cmp(&a.1));
+        let names: Vec<String> = by.iter().map(|(f, _)| f.to_string()).collect();
+        names.join("+")
+    }
 }
 
 /// A 2-D GGUF tensor as raw bytes, one row after another; rows can be moved and stacked without touching the
@@ -139,32 +235,8 @@ impl RawRows {
         RawRows { data, ..self }
     }
 
-    /// Stack tensors of the same format and width by rows.
-    fn cat(parts: &[&RawRows]) -> std::result::Result<RawRows, String> {
-        let first = parts[0];
-        if let Some(p) = parts
-            .iter()
-            .find(|p| p.dtype != first.dtype || p.cols != first.cols)
-        {
-            return Err(format!(
-                "mixed storage ({:?} × {} and {:?} × {}) cannot be fused for quantized inference",
-                first.dtype, first.cols, p.dtype, p.cols
-            ));
-        }
-        Ok(RawRows {
-            dtype: first.dtype,
-            cols: first.cols,
-            row_bytes: first.row_bytes,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
-        })
-    }
-
-    fn to_qtensor(&self) -> Result<QTensor> {
-        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
-            self.dtype,
-            &self.data,
-            vec![self.rows(), self.cols],
-            &Device::Cpu,
-        )?)
+    /// Repack for the quantized kernels; the error names the type when they cannot run it.
+    fn to_qmatrix(&self) -> std::result::Result<QMatrix, String> {
+        QMatrix::from_ggml(self.dtype, self.rows(), self.cols, &self.data)
     }
 }
