@@ -14,7 +14,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama;
 
 use mor::data::Tokenizer;
-use mor::io::gguf::{export_gguf, import_gguf, unpermute_qk, GgufFile};
+use mor::io::gguf::{export_gguf, import_gguf, GgufFile};
 use mor::model::{ForwardOptions, MorModel};
 use mor::ModelConfig;
 
@@ -459,8 +459,6 @@ fn real_smollm2_quantized_weights_are_the_stored_blocks_in_hf_row_order() {
 
 #[test]
 fn real_smollm2_runs_quantized_like_an_independent_quantized_llama() {
-    use candle_core::quantized::QMatMul;
-    use candle_core::Module;
     let _env = QUANTIZED_ENV.lock().unwrap_or_else(|e| e.into_inner());
     let Some(path) = real_file() else { return };
     let mut f = GgufFile::open(&path).unwrap();
@@ -468,11 +466,12 @@ fn real_smollm2_runs_quantized_like_an_independent_quantized_llama() {
     let model = f.model(&Device::Cpu).unwrap().frozen().unwrap();
     let cfg = model.config().clone();
 
-    // End to end against candle-transformers' quantized llama on the same file. Quantizing activations to
-    //    8 bits makes logits sensitive at the ~1 level to any f32 difference upstream (scaling one RMSNorm weight by
-    //    1 + 1e-6 moved them by 1.09 when measured), so the check is the prediction and that the logits are those
-    //    of a quantized model (about 0.7 from the dense ones), not bit equality.
-    let cached = mor::engine::CachedModel::quantized(&model, f.quantized_weights(&cfg).unwrap()).unwrap();
+    // End to end against candle-transformers' quantized llama on the same file. Quantizing activations to 8 bits
+    // makes logits sensitive at the ~1 level to any f32 difference upstream (scaling one RMSNorm weight by
+    // 1 + 1e-6 moved them by 1.09 when measured), so the check is the prediction and that the logits are those of
+    // a quantized model (about 0.7 from the dense ones), not bit equality.
+    let cached =
+        mor::engine::CachedModel::quantized(&model, f.quantized_weights(&cfg).unwrap()).unwrap();
     let ids = tok.encode("The capital of France is").unwrap();
     let mut cache = cached.new_cache();
     let opts = mor::engine::StepOptions::default();
@@ -505,6 +504,8 @@ fn real_smollm2_runs_quantized_like_an_independent_quantized_llama() {
     // The wrong model is refused.
     let mut other = f.quantized_weights(&cfg).unwrap();
     other.layers.pop();
-    let e = mor::engine::CachedModel::quantized(&model, other).err().unwrap();
+    let e = mor::engine::CachedModel::quantized(&model, other)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("29 quantized layers"), "{e}");
 }

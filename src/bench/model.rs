@@ -209,14 +209,22 @@ impl ModelBenchReport {
 impl fmt::Display for ModelBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.opts;
-        writeln!(f, "model: {} ({}), {} threads", o.model, o.precision, o.threads)?;
+        writeln!(
+            f,
+            "model: {} ({}), {} threads",
+            o.model, o.precision, o.threads
+        )?;
         writeln!(f, "cpu: {}", cpu_line())?;
         writeln!(
             f,
             "prefill: {} tokens per sequence; decode: {} tokens per sequence from {}; {} reps",
             o.prompt_len,
             o.gen_len,
-            if o.decode_from_prompt { "the prompt" } else { "an empty context" },
+            if o.decode_from_prompt {
+                "the prompt"
+            } else {
+                "an empty context"
+            },
             o.reps
         )?;
         writeln!(

@@ -222,9 +222,10 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
                 None => mor::engine::CachedModel::new(m)?,
             };
             let o = mor::bench::model::ModelBenchOptions {
-                model: model
-                    .file_name()
-                    .map_or_else(|| model.display().to_string(), |f| f.to_string_lossy().into()),
+                model: model.file_name().map_or_else(
+                    || model.display().to_string(),
+                    |f| f.to_string_lossy().into(),
+                ),
                 precision,
                 prompt_len,
                 gen_len,

@@ -31,7 +31,8 @@ pub fn matmul_rows(w: &[f32], m: usize, x: &[f32], n: usize) -> Vec<f32> {
     let per = (m / (4 * pool::threads())).max(16).next_multiple_of(4);
     let chunks = m.div_ceil(per);
     #[cfg(target_arch = "x86_64")]
-    let simd = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    let simd =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     let job = |c: usize| {
         let (r0, r1) = (c * per, ((c + 1) * per).min(m));
         let mut r = r0;
@@ -42,7 +43,11 @@ pub fn matmul_rows(w: &[f32], m: usize, x: &[f32], n: usize) -> Vec<f32> {
                 let xa = &x[a * k..(a + 1) * k];
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX2 and FMA were detected; rows and xa hold k values each.
-                let v = if simd { unsafe { dot4_avx2(rows, xa) } } else { dot4(rows, xa) };
+                let v = if simd {
+                    unsafe { dot4_avx2(rows, xa) }
+                } else {
+                    dot4(rows, xa)
+                };
                 #[cfg(not(target_arch = "x86_64"))]
                 let v = dot4(rows, xa);
                 for (i, &vi) in v.iter().take(g).enumerate() {
@@ -63,7 +68,12 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     for (o, w) in out.iter_mut().zip(rows) {
         let mut acc = [0f32; 8];
         let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
-        let tail: f32 = cw.remainder().iter().zip(cx.remainder()).map(|(a, b)| a * b).sum();
+        let tail: f32 = cw
+            .remainder()
+            .iter()
+            .zip(cx.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
         for (a, b) in cw.zip(cx) {
             for l in 0..8 {
                 acc[l] += a[l] * b[l];
@@ -101,7 +111,11 @@ unsafe fn dot4_avx2(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-            + rows[r][i..].iter().zip(&x[i..]).map(|(a, b)| a * b).sum::<f32>();
+            + rows[r][i..]
+                .iter()
+                .zip(&x[i..])
+                .map(|(a, b)| a * b)
+                .sum::<f32>();
     }
     out
 }
@@ -113,8 +127,12 @@ mod tests {
     #[test]
     fn matches_a_naive_product() {
         for (m, k, n) in [(1, 3, 1), (37, 70, 3), (130, 576, 8)] {
-            let w: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-            let x: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let w: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
             let y = matmul_rows(&w, m, &x, n);
             for a in 0..n {
                 for j in 0..m {

@@ -119,7 +119,8 @@ impl<'m> CachedModel<'m> {
                 let [q, k, v, o] = layer.attn.weights();
                 let [g, u, dn] = layer.mlp().weights();
                 // [out, in] as stored (no copy for weights that are already f32 and contiguous).
-                let prep = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+                let prep =
+                    |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
                 let (n_in, n_post) = layer.norms();
                 let f = FusedLayer {
                     qkv: Weight::Dense(prep(Tensor::cat(&[q, k, v], 0)?)?),
@@ -143,7 +144,10 @@ impl<'m> CachedModel<'m> {
     /// dense matmul weights and embedding are never read (so they may be placeholders, as
     /// [`GgufFile::quantized_model`](crate::io::gguf::GgufFile::quantized_model) makes them). Norms, RoPE and
     /// attention stay f32. Checked by layer count and shape.
-    pub fn quantized(model: &'m MorModel, weights: crate::io::gguf::QuantizedWeights) -> Result<Self> {
+    pub fn quantized(
+        model: &'m MorModel,
+        weights: crate::io::gguf::QuantizedWeights,
+    ) -> Result<Self> {
         Self::check(model)?;
         let cfg = model.config();
         if cfg.recursion.is_some() || cfg.mor.is_some() {
@@ -257,7 +261,11 @@ impl<'m> CachedModel<'m> {
             Some(t) => {
                 let n = x.dim(0)?;
                 let h = to_f32_vec(&self.model.final_norm(x)?)?;
-                Ok(Tensor::from_vec(t.head.matmul(&h, n), (n, t.head.rows()), x.device())?)
+                Ok(Tensor::from_vec(
+                    t.head.matmul(&h, n),
+                    (n, t.head.rows()),
+                    x.device(),
+                )?)
             }
             None => self.model.head(x),
         }

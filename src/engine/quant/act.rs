@@ -28,7 +28,7 @@ pub(super) struct ActRow {
 impl QuantizedRows {
     /// Quantize `x` ([n, cols] row-major; `cols` a multiple of [`BLOCK`]).
     pub fn new(x: &[f32], cols: usize) -> Self {
-        assert!(cols % BLOCK == 0 && x.len() % cols.max(1) == 0);
+        assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols.max(1)));
         let nb = x.len() / BLOCK;
         let mut out = QuantizedRows {
             cols,
@@ -63,7 +63,11 @@ impl QuantizedRows {
 
 /// Portable quantization: round to nearest, ties to even (as the SIMD path's `_mm256_round_ps`).
 pub(super) fn quantize_scalar(x: &[f32], q: &mut [i8], d: &mut [f32], ds: &mut [f32]) {
-    for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+    for (b, (xb, qb)) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };

@@ -181,7 +181,10 @@ impl QMatrix {
 
     /// Every stored format with the bytes it holds here.
     pub fn formats(&self) -> Vec<(QFormat, usize)> {
-        self.parts.iter().map(|(_, p)| (p.format, p.bytes())).collect()
+        self.parts
+            .iter()
+            .map(|(_, p)| (p.format, p.bytes()))
+            .collect()
     }
 
     /// Output features (rows of W).
@@ -263,7 +266,7 @@ impl Part {
     fn from_ggml(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self, String> {
         let format = QFormat::from_ggml(dtype)?;
         let (bv, bb) = format.ggml_block();
-        if cols % bv != 0 {
+        if !cols.is_multiple_of(bv) {
             return Err(format!(
                 "{cols} columns are not a whole number of {dtype:?} blocks of {bv}"
             ));
@@ -319,7 +322,13 @@ impl Part {
                         w.m.push(-(dmin * f32::from(mn)));
                         // Sub-block s: the low (s even) or high nibbles of the 32 bytes of chunk s / 2.
                         let chunk = &q[(s / 2) * 32..(s / 2) * 32 + 32];
-                        let v = |t: usize| if s % 2 == 0 { chunk[t] & 0xF } else { chunk[t] >> 4 };
+                        let v = |t: usize| {
+                            if s % 2 == 0 {
+                                chunk[t] & 0xF
+                            } else {
+                                chunk[t] >> 4
+                            }
+                        };
                         w.qs.extend((0..16).map(|j| v(j) | (v(j + 16) << 4)));
                     }
                 }
@@ -346,7 +355,6 @@ impl Part {
         }
         Ok(w)
     }
-
 
     fn bytes(&self) -> usize {
         self.qs.len() + 4 * (self.d.len() + self.m.len() + self.qh.len())
@@ -398,8 +406,14 @@ impl Part {
             } else {
                 self.d[r * nb..].as_ptr()
             },
-            m: self.m.get(r * nb..).map_or(std::ptr::null(), <[f32]>::as_ptr),
-            qh: self.qh.get(r * nb..).map_or(std::ptr::null(), <[u32]>::as_ptr),
+            m: self
+                .m
+                .get(r * nb..)
+                .map_or(std::ptr::null(), <[f32]>::as_ptr),
+            qh: self
+                .qh
+                .get(r * nb..)
+                .map_or(std::ptr::null(), <[u32]>::as_ptr),
             nb,
         };
         let mut out = [0f32; 4];
@@ -519,7 +533,17 @@ pub fn cpu_features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($f:tt),*) => { $( if has!($f) { v.push($f); } )* };
         }
-        probe!("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16", "avxvnni");
+        probe!(
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avx512bf16",
+            "avxvnni"
+        );
     }
     v
 }

@@ -7,7 +7,11 @@ use super::{ActRow, WRow, BLOCK, HIGH16, MIN};
 ///
 /// # Safety
 /// `w` and every row of `x` must point at `w.nb` valid blocks.
-pub(super) unsafe fn q8<const R: usize, const SPLIT: bool>(w: &WRow, x: &[ActRow; R], out: &mut [f32]) {
+pub(super) unsafe fn q8<const R: usize, const SPLIT: bool>(
+    w: &WRow,
+    x: &[ActRow; R],
+    out: &mut [f32],
+) {
     let mut acc = [0f32; R];
     for b in 0..w.nb {
         // SAFETY (caller): block b of the weight row exists.
@@ -36,13 +40,26 @@ pub(super) unsafe fn q8<const R: usize, const SPLIT: bool>(w: &WRow, x: &[ActRow
 ///
 /// # Safety
 /// `w` and every row of `x` must point at `w.nb` valid blocks; `w.m` (MIN) or `w.qh` (HIGH16) too.
-pub(super) unsafe fn q4<const R: usize, const KIND: u8>(w: &WRow, x: &[ActRow; R], out: &mut [f32]) {
+pub(super) unsafe fn q4<const R: usize, const KIND: u8>(
+    w: &WRow,
+    x: &[ActRow; R],
+    out: &mut [f32],
+) {
     let mut acc = [0f32; R];
     let mut vals = [0i32; BLOCK];
     for b in 0..w.nb {
         // SAFETY (caller): block b of the weight row exists, with its scale (and minimum / high bits).
-        let (q, d) = unsafe { (std::slice::from_raw_parts(w.qs.add(b * 16), 16), *w.d.add(b)) };
-        let hi = if KIND == HIGH16 { unsafe { *w.qh.add(b) } } else { 0 };
+        let (q, d) = unsafe {
+            (
+                std::slice::from_raw_parts(w.qs.add(b * 16), 16),
+                *w.d.add(b),
+            )
+        };
+        let hi = if KIND == HIGH16 {
+            unsafe { *w.qh.add(b) }
+        } else {
+            0
+        };
         for j in 0..16 {
             vals[j] = i32::from(q[j] & 0xF) | ((((hi >> j) & 1) << 4) as i32);
             vals[j + 16] = i32::from(q[j] >> 4) | ((((hi >> (j + 16)) & 1) << 4) as i32);

@@ -46,7 +46,10 @@ macro_rules! kernels {
                     let aw = _mm256_sign_epi8(wv, wv);
                     let dw = if SPLIT {
                         unsafe {
-                            _mm256_set_m128(_mm_set1_ps(*w.d.add(2 * b + 1)), _mm_set1_ps(*w.d.add(2 * b)))
+                            _mm256_set_m128(
+                                _mm_set1_ps(*w.d.add(2 * b + 1)),
+                                _mm_set1_ps(*w.d.add(2 * b)),
+                            )
                         }
                     } else {
                         _mm256_set1_ps(unsafe { *w.d.add(b) })
@@ -89,14 +92,16 @@ macro_rules! kernels {
                 for b in 0..w.nb {
                     // SAFETY (caller): block b of the weight row and its scale / minimum / high bits exist.
                     let raw = unsafe { _mm_loadu_si128(w.qs.add(b * 16) as *const __m128i) };
-                    let mut wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+                    let mut wv =
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
                     let d = unsafe { *w.d.add(b) };
                     let m = if KIND == MIN {
                         unsafe { *w.m.add(b) }
                     } else if KIND == HIGH16 {
                         let qh = unsafe { *w.qh.add(b) } as i32;
                         let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), spread);
-                        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi8(-1));
+                        let set =
+                            _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi8(-1));
                         wv = _mm256_or_si256(wv, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
                         -16.0 * d
                     } else {
@@ -107,7 +112,8 @@ macro_rules! kernels {
                         let (xq, xd, xds) = unsafe { x[r].block(b) };
                         let xv = unsafe { _mm256_loadu_si256(xq as *const __m256i) };
                         let p = dot(wv, xv);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc[r]);
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc[r]);
                         corr[r] += m * xds;
                     }
                 }
@@ -162,14 +168,18 @@ pub(super) unsafe fn quantize_rows_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], 
                 ))
             });
             let sum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            let s4 = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
             let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
             let s = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01)));
             // Pack 32 i32 to i8; the 128-bit lanes interleave, which the final permute undoes.
             let p01 = _mm256_packs_epi32(r[0], r[1]);
             let p23 = _mm256_packs_epi32(r[2], r[3]);
             let bytes = _mm256_packs_epi16(p01, p23);
-            let fixed = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            let fixed =
+                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256(q.as_mut_ptr().add(b * BLOCK) as *mut __m256i, fixed);
             *d.get_unchecked_mut(b) = scale;
             *ds.get_unchecked_mut(b) = scale * s as f32;

@@ -30,7 +30,10 @@ impl GgufFile {
         if !cfg.tie_word_embeddings {
             store.insert_placeholder("lm_head.weight", &[v, d])?;
         }
-        store.insert("model.norm.weight", &self.tensor_f32("output_norm.weight", &[d])?)?;
+        store.insert(
+            "model.norm.weight",
+            &self.tensor_f32("output_norm.weight", &[d])?,
+        )?;
         let (hd, nh, nkv, f) = (
             cfg.head_dim(),
             cfg.num_attention_heads,
@@ -58,8 +61,8 @@ impl GgufFile {
                 store.insert(&p(hf), &t)?;
             }
         }
-        let model = MorModel::from_params(&cfg, store.frozen())
-            .map_err(|e| self.err(e.to_string()))?;
+        let model =
+            MorModel::from_params(&cfg, store.frozen()).map_err(|e| self.err(e.to_string()))?;
         Ok((model, weights))
     }
 
@@ -110,7 +113,10 @@ impl GgufFile {
             let t = self.tensor_raw(name, &[cfg.vocab_size, d])?;
             let r = RawRows::new(name, &t).map_err(|m| self.err(m))?;
             drop(t);
-            Ok(Arc::new(r.to_qmatrix().map_err(|m| self.err(format!("tensor {name} {m}")))?))
+            Ok(Arc::new(
+                r.to_qmatrix()
+                    .map_err(|m| self.err(format!("tensor {name} {m}")))?,
+            ))
         };
         let embed = table("token_embd.weight")?;
         let head = if cfg.tie_word_embeddings {
@@ -169,7 +175,7 @@ impl QuantizedWeights {
                 None => by.push((fmt, bytes)),
             }
         }
-        by.sort_by(|a, b| b.1.cmp(&a.1));
+        by.sort_by_key(|e| std::cmp::Reverse(e.1));
         let names: Vec<String> = by.iter().map(|(f, _)| f.to_string()).collect();
         names.join("+")
     }
