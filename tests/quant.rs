@@ -297,8 +297,8 @@ fn real_smollm2_quantized_engine_agrees_with_the_f32_model_on_top1() {
             want.len(),
             gaps.iter().fold(0f32, |a, &b| a.max(b))
         );
-        // Measured on this text: 0.93 (Q8_0) to 0.96 (Q4_1), every disagreement a near-tie of the f32 model
-        // (gap ≤ 0.26): 8-bit activations move logits by up to ~1.5, as in llama.cpp's scheme.
+        // Measured on this text: 0.933 (Q8_0) to 0.967 (Q4_0), every disagreement a near-tie of the f32 model
+        // (gap ≤ 0.43): 8-bit activations move logits by up to ~2, as in llama.cpp's scheme.
         assert!(frac >= 0.9, "{fmt}: {frac}");
         assert!(
             gaps.iter().all(|&g| g < 0.5),
