@@ -630,6 +630,20 @@ pub fn heldout_loss(
     batch: usize,
     mode: RouteMode,
 ) -> Result<f64> {
+    heldout_loss_traced(model, file, seq_len, max_sequences, batch, mode, &mut |_, _| Ok(()))
+}
+
+/// [`heldout_loss`] that also hands every forward's routing trace and batch size to `on_trace` (routing statistics
+/// on the same windows, e.g. the realised depth distribution).
+pub fn heldout_loss_traced(
+    model: &MorModel,
+    file: &TokenFile,
+    seq_len: usize,
+    max_sequences: usize,
+    batch: usize,
+    mode: RouteMode,
+    on_trace: &mut dyn FnMut(&RoutingTrace, usize) -> Result<()>,
+) -> Result<f64> {
     let n = (file.len() / seq_len).min(max_sequences.max(1));
     if n == 0 {
         return Err(MorError::Data(format!(
@@ -650,6 +664,7 @@ pub fn heldout_loss(
         let ids = Tensor::from_vec(ids, (bsz, seq_len), model.device())?;
         let out = model.forward(&ids, &opts)?;
         let loss = model.loss(&out, &ids, bsz * seq_len)?;
+        on_trace(&out.routing, bsz)?;
         sum += loss.ce_sum.to_scalar::<f32>()? as f64;
         count += loss.n_targets;
         i += bsz;
