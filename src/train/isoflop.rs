@@ -7,7 +7,8 @@
 //! [`crate::config::MorConfig::expert`] / [`crate::config::MorConfig::token`]), the trapezoid (WSD) schedule with a
 //! warm-up of 5% of the steps at the study's *smallest* budget and a cool-down of 20% of each run's steps (App. B), and
 //! one data order for all runs (one sampler seed: a run with more steps reads further down the same stream). Every
-//! model is scored on the same held-out windows: the first `eval_sequences` windows of the corpus's held-out split.
+//! model is scored on the same held-out windows: `eval_sequences` windows spread evenly over the corpus's held-out
+//! split ([`heldout_windows`]).
 //!
 //! A study directory holds one run directory per (budget, variant) (`runs/<budget>/<variant>/`, a normal trainer run
 //! directory) with a `result.json` written atomically when the run is evaluated: a study started again skips runs that
@@ -575,8 +576,9 @@ impl Study {
     fn evaluate(&self, model: &MorModel, val: &TokenFile) -> Result<(f64, Option<f64>, Option<Vec<f64>>)> {
         let o = &self.options;
         let cfg = model.config();
+        let starts = heldout_windows(val.len(), o.seq_len, o.eval_sequences);
         let run = |mode: RouteMode, stats: &mut RoutingStats| {
-            heldout_loss_traced(model, val, o.seq_len, o.eval_sequences, o.batch_size, mode, &mut |tr, b| {
+            heldout_loss_traced(model, val, &starts, o.seq_len, o.batch_size, mode, &mut |tr, b| {
                 stats.add(tr, b, o.seq_len)
             })
         };
@@ -693,8 +695,8 @@ impl Study {
             s,
             "# isoFLOP study\n\nd = {}, {} heads, {} unrolled layers, context {}, batch {} × {} tokens, lr {}, WSD \
              (warm-up {:.0}% of the smallest budget's steps, cool-down {:.0}%), seed {}; corpus {} training / {} \
-             held-out tokens ({} / {} documents), vocab {}; held-out NLL over the first {} held-out windows ({} \
-             tokens). Budgets count forward FLOPs without the LM head (paper App. D).\n",
+             held-out tokens ({} / {} documents), vocab {}; held-out NLL over {} held-out windows spread over the split \
+             ({} tokens). Budgets count forward FLOPs without the LM head (paper App. D).\n",
             o.hidden_size,
             o.heads,
             o.layers,
@@ -824,6 +826,15 @@ fn trainer_elapsed(run_dir: &Path) -> Option<f64> {
     state["elapsed_secs"].as_f64()
 }
 
+/// Start offsets of the study's held-out set: `n` of the non-overlapping `seq_len` windows of a held-out stream of
+/// `len` tokens, spread evenly over it so every held-out document contributes in proportion to its length (the
+/// stream is whole documents one after another; its first windows would all come from the first one).
+pub fn heldout_windows(len: usize, seq_len: usize, n: usize) -> Vec<usize> {
+    let windows = len / seq_len;
+    let n = n.min(windows);
+    (0..n).map(|i| i * windows / n * seq_len).collect()
+}
+
 /// Fraction of tokens that ran exactly 0..=N_r recursions, from the fraction processed at each recursion (tokens
 /// reach recursion r + 1 only through recursion r, so the fractions are non-increasing).
 pub fn depth_distribution(fraction_per_recursion: &[f64]) -> Vec<f64> {
@@ -854,6 +865,14 @@ mod tests {
         let want = [0.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0];
         assert!(d.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{d:?}");
         assert_eq!(depth_distribution(&[0.5]), vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn heldout_windows_are_spread_and_disjoint() {
+        assert_eq!(heldout_windows(100, 10, 5), [0, 20, 40, 60, 80]);
+        assert_eq!(heldout_windows(105, 10, 10), (0..10).map(|i| 10 * i).collect::<Vec<_>>());
+        assert_eq!(heldout_windows(1000, 10, 3), [0, 330, 660]);
+        assert_eq!(heldout_windows(25, 10, 5), [0, 10]);
     }
 
     #[test]
