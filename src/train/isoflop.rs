@@ -23,20 +23,20 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::bench::generate::{generate_variant_config, GenerateBenchOptions};
 use crate::bench::{load_average, median};
-use crate::checkpoint::io::write_json_atomic;
-use crate::checkpoint::load_model;
+use crate::config::flops::{forward_flops, steps_for_budget, BudgetCount};
 use crate::config::ModelConfig;
 use crate::data::{CorpusInfo, TokenFile};
-use crate::engine::bench::{generate_variant_config, GenerateBenchOptions};
 use crate::engine::batch::{Engine, EngineOptions};
+use crate::engine::sampling::SamplingParams;
 use crate::error::{MorError, Result};
 use crate::eval::routing::RoutingStats;
-use crate::flops::{forward_flops, steps_for_budget, BudgetCount};
+use crate::io::checkpoint::io::write_json_atomic;
+use crate::io::checkpoint::load_model;
 use crate::model::expert_choice::RouteMode;
 use crate::model::MorModel;
-use crate::plot::{plot_curves, Series};
-use crate::sampling::SamplingParams;
+use crate::train::plot::{plot_curves, Series};
 use crate::train::trainer::{heldout_loss_traced, TrainConfig, Trainer};
 use crate::train::{AdamWConfig, LrSchedule};
 
@@ -296,8 +296,9 @@ fn variant_model(variant: &str, o: &StudyOptions, vocab: usize, eos: u32) -> Res
         context: o.seq_len,
         ..Default::default()
     };
-    let mut cfg = generate_variant_config(variant, &shape)
-        .map_err(|e| MorError::Config(format!("variant {variant:?} at {} layers: {e}", o.layers)))?;
+    let mut cfg = generate_variant_config(variant, &shape).map_err(|e| {
+        MorError::Config(format!("variant {variant:?} at {} layers: {e}", o.layers))
+    })?;
     cfg.eos_token_id = Some(eos);
     cfg.bos_token_id = Some(eos);
     Ok(cfg)
@@ -384,9 +385,9 @@ impl Study {
         for (v, cfg) in o.variants.iter().zip(&models) {
             let report = forward_flops(cfg, o.seq_len)?;
             let steps_at = |budget: f64| {
-                steps_for_budget(cfg, o.seq_len, step_tokens, budget, BudgetCount::Paper).map_err(|e| {
-                    MorError::Config(format!("budget {} for {v}: {e}", budget_label(budget)))
-                })
+                steps_for_budget(cfg, o.seq_len, step_tokens, budget, BudgetCount::Paper).map_err(
+                    |e| MorError::Config(format!("budget {} for {v}: {e}", budget_label(budget))),
+                )
             };
             // Paper App. B: warm-up is 5% of the steps of the smallest budget, the same for every budget.
             let warmup = (o.warmup_fraction * steps_at(budgets[0])? as f64).round() as usize;
@@ -501,7 +502,7 @@ impl Study {
         }
         let table = self.tables(&runs, &decode);
         let table_path = self.out_dir.join(TABLE_FILE);
-        crate::checkpoint::io::write_atomic(&table_path, table.as_bytes())?;
+        crate::io::checkpoint::io::write_atomic(&table_path, table.as_bytes())?;
         let plot_path = self.out_dir.join(PLOT_FILE);
         self.plot(&runs, &plot_path)?;
         Ok(StudyReport {
@@ -514,7 +515,12 @@ impl Study {
     }
 
     /// Bring one run to completion: read its result, or resume / start training, then evaluate it.
-    fn complete(&self, plan: &RunPlan, val: &TokenFile, progress: bool) -> Result<(RunResult, RunStatus)> {
+    fn complete(
+        &self,
+        plan: &RunPlan,
+        val: &TokenFile,
+        progress: bool,
+    ) -> Result<(RunResult, RunStatus)> {
         let result_path = plan.dir.join(RESULT_FILE);
         let mismatch = |what: &str| {
             MorError::Config(format!(
@@ -533,13 +539,13 @@ impl Study {
             }
             return Ok((done, RunStatus::Skipped));
         }
-        let (mut trainer, status) = if crate::checkpoint::latest(&plan.dir).is_some() {
+        let (mut trainer, status) = if crate::io::checkpoint::latest(&plan.dir).is_some() {
             let saved: TrainConfig = read_json(&plan.dir.join("train_config.json"))?;
             if saved != plan.train {
                 return Err(mismatch("training configuration"));
             }
             let t = Trainer::resume(&plan.dir, &self.data_dir, None)?;
-            if t.model().config() != &plan.model {
+            if !same_model(t.model().config(), &plan.model) {
                 return Err(mismatch("model"));
             }
             let step = t.step();
@@ -573,14 +579,24 @@ impl Study {
 
     /// Held-out NLL (training-time routing), the causal-rule NLL (expert-choice) and the depth distribution (MoR)
     /// on the study's fixed held-out windows.
-    fn evaluate(&self, model: &MorModel, val: &TokenFile) -> Result<(f64, Option<f64>, Option<Vec<f64>>)> {
+    fn evaluate(
+        &self,
+        model: &MorModel,
+        val: &TokenFile,
+    ) -> Result<(f64, Option<f64>, Option<Vec<f64>>)> {
         let o = &self.options;
         let cfg = model.config();
         let starts = heldout_windows(val.len(), o.seq_len, o.eval_sequences);
         let run = |mode: RouteMode, stats: &mut RoutingStats| {
-            heldout_loss_traced(model, val, &starts, o.seq_len, o.batch_size, mode, &mut |tr, b| {
-                stats.add(tr, b, o.seq_len)
-            })
+            heldout_loss_traced(
+                model,
+                val,
+                &starts,
+                o.seq_len,
+                o.batch_size,
+                mode,
+                &mut |tr, b| stats.add(tr, b, o.seq_len),
+            )
         };
         let mut stats = RoutingStats::default();
         let nll = run(RouteMode::TopK { step: None }, &mut stats)?;
@@ -601,7 +617,11 @@ impl Study {
     /// the same models and workload).
     fn decode_throughput(&self, budget: f64, plans: &[&RunPlan]) -> Result<Vec<DecodeResult>> {
         let o = &self.options.decode;
-        let path = self.out_dir.join("runs").join(budget_label(budget)).join(DECODE_FILE);
+        let path = self
+            .out_dir
+            .join("runs")
+            .join(budget_label(budget))
+            .join(DECODE_FILE);
         let names: Vec<&str> = plans.iter().map(|p| p.variant.as_str()).collect();
         if path.exists() {
             let f: DecodeFile = read_json(&path)?;
@@ -613,7 +633,7 @@ impl Study {
         let models = plans
             .iter()
             .map(|p| {
-                let ckpt = crate::checkpoint::latest(&p.dir)
+                let ckpt = crate::io::checkpoint::latest(&p.dir)
                     .ok_or_else(|| MorError::checkpoint(&p.dir, "no checkpoint after training"))?;
                 load_model(&ckpt, &Device::Cpu)?.frozen()
             })
@@ -687,7 +707,11 @@ impl Study {
     }
 
     /// The markdown of [`TABLE_FILE`]: settings, the Table-9-style NLL table, run details and the MoR table.
-    fn tables(&self, runs: &[(RunResult, RunStatus)], decode: &[(f64, Vec<DecodeResult>)]) -> String {
+    fn tables(
+        &self,
+        runs: &[(RunResult, RunStatus)],
+        decode: &[(f64, Vec<DecodeResult>)],
+    ) -> String {
         let o = &self.options;
         let budgets = self.budgets();
         let mut s = String::new();
@@ -715,8 +739,14 @@ impl Study {
             o.eval_sequences,
             o.eval_sequences * o.seq_len
         );
-        let find = |v: &str, b: f64| runs.iter().map(|r| &r.0).find(|r| r.variant == v && r.budget == b);
-        s.push_str("## Held-out NLL (Table 9 style)\n\n| variant | unique params (non-emb) | emb params |");
+        let find = |v: &str, b: f64| {
+            runs.iter()
+                .map(|r| &r.0)
+                .find(|r| r.variant == v && r.budget == b)
+        };
+        s.push_str(
+            "## Held-out NLL (Table 9 style)\n\n| variant | unique params (non-emb) | emb params |",
+        );
         for b in &budgets {
             let _ = write!(s, " {} |", budget_label(*b));
         }
@@ -732,7 +762,11 @@ impl Study {
                 first.map_or("".into(), |r| millions(r.embedding_params))
             );
             for b in &budgets {
-                let _ = write!(s, " {} |", find(v, *b).map_or("".into(), |r| format!("{:.4}", r.nll)));
+                let _ = write!(
+                    s,
+                    " {} |",
+                    find(v, *b).map_or("".into(), |r| format!("{:.4}", r.nll))
+                );
             }
             s.push('\n');
         }
@@ -770,13 +804,20 @@ impl Study {
             crate::engine::num_threads()
         );
         for (b, rows) in decode {
-            let base = rows.iter().find(|r| r.variant == "vanilla").map(DecodeResult::tokens_per_sec);
+            let base = rows
+                .iter()
+                .find(|r| r.variant == "vanilla")
+                .map(DecodeResult::tokens_per_sec);
             for d in rows {
-                let depth = find(&d.variant, *b)
-                    .and_then(|r| r.depth.as_ref())
-                    .map_or("—".into(), |v| {
-                        v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" / ")
-                    });
+                let depth =
+                    find(&d.variant, *b)
+                        .and_then(|r| r.depth.as_ref())
+                        .map_or("—".into(), |v| {
+                            v.iter()
+                                .map(|x| format!("{x:.2}"))
+                                .collect::<Vec<_>>()
+                                .join(" / ")
+                        });
                 let tps = d.tokens_per_sec();
                 let _ = writeln!(
                     s,
@@ -818,11 +859,19 @@ impl Study {
     }
 }
 
+/// Whether a checkpoint's config is the planned model (a saved config also names the HF architecture and model type).
+fn same_model(saved: &ModelConfig, plan: &ModelConfig) -> bool {
+    let mut s = saved.clone();
+    s.architectures.clone_from(&plan.architectures);
+    s.model_type.clone_from(&plan.model_type);
+    &s == plan
+}
+
 /// Seconds the trainer recorded for a run (across resumes), from its latest checkpoint.
 fn trainer_elapsed(run_dir: &Path) -> Option<f64> {
-    let ckpt = crate::checkpoint::latest(run_dir)?;
+    let ckpt = crate::io::checkpoint::latest(run_dir)?;
     let state: serde_json::Value =
-        read_json(&ckpt.join(crate::checkpoint::io::TRAINER_STATE_FILE)).ok()?;
+        read_json(&ckpt.join(crate::io::checkpoint::io::TRAINER_STATE_FILE)).ok()?;
     state["elapsed_secs"].as_f64()
 }
 
@@ -839,7 +888,13 @@ pub fn heldout_windows(len: usize, seq_len: usize, n: usize) -> Vec<usize> {
 /// reach recursion r + 1 only through recursion r, so the fractions are non-increasing).
 pub fn depth_distribution(fraction_per_recursion: &[f64]) -> Vec<f64> {
     let f = fraction_per_recursion;
-    let at = |r: usize| if r == 0 { 1.0 } else { f.get(r - 1).copied().unwrap_or(0.0) };
+    let at = |r: usize| {
+        if r == 0 {
+            1.0
+        } else {
+            f.get(r - 1).copied().unwrap_or(0.0)
+        }
+    };
     (0..=f.len()).map(|d| at(d) - at(d + 1)).collect()
 }
 
@@ -863,14 +918,20 @@ mod tests {
     fn depth_distribution_from_fractions() {
         let d = depth_distribution(&[1.0, 2.0 / 3.0, 1.0 / 3.0]);
         let want = [0.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0];
-        assert!(d.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{d:?}");
+        assert!(
+            d.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12),
+            "{d:?}"
+        );
         assert_eq!(depth_distribution(&[0.5]), vec![0.5, 0.5]);
     }
 
     #[test]
     fn heldout_windows_are_spread_and_disjoint() {
         assert_eq!(heldout_windows(100, 10, 5), [0, 20, 40, 60, 80]);
-        assert_eq!(heldout_windows(105, 10, 10), (0..10).map(|i| 10 * i).collect::<Vec<_>>());
+        assert_eq!(
+            heldout_windows(105, 10, 10),
+            (0..10).map(|i| 10 * i).collect::<Vec<_>>()
+        );
         assert_eq!(heldout_windows(1000, 10, 3), [0, 330, 660]);
         assert_eq!(heldout_windows(25, 10, 5), [0, 10]);
     }

@@ -639,7 +639,9 @@ pub fn heldout_loss(
         )));
     }
     let starts: Vec<usize> = (0..n).map(|i| i * seq_len).collect();
-    heldout_loss_traced(model, file, &starts, seq_len, batch, mode, &mut |_, _| Ok(()))
+    heldout_loss_traced(model, file, &starts, seq_len, batch, mode, &mut |_, _| {
+        Ok(())
+    })
 }
 
 /// Mean NLL per token of `model` over the `seq_len` windows of `file` starting at `starts`, in batches of `batch`,
