@@ -158,7 +158,7 @@ fn tiny_study_runs_end_to_end_and_resumes() {
     assert!((depth.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{depth:?}");
     assert!(moe.nll_causal.unwrap().is_finite());
     // Decode throughput of both trained models.
-    let decode = &report.decode[0].1;
+    let decode = &report.decode[0].1.results;
     assert_eq!(decode.len(), 2);
     assert!(decode
         .iter()

@@ -224,14 +224,19 @@ impl DecodeResult {
     }
 }
 
-/// `decode.json` of one budget.
+/// The decode-throughput measurement of one budget's models (`decode.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct DecodeFile {
-    options: DecodeOptions,
-    threads: usize,
-    load_before: Option<[f64; 3]>,
-    load_after: Option<[f64; 3]>,
-    results: Vec<DecodeResult>,
+pub struct DecodeReport {
+    /// The workload.
+    pub options: DecodeOptions,
+    /// candle's thread count.
+    pub threads: usize,
+    /// Load average before the measurement.
+    pub load_before: Option<[f64; 3]>,
+    /// Load average after it.
+    pub load_after: Option<[f64; 3]>,
+    /// One row per model, in variant order.
+    pub results: Vec<DecodeResult>,
 }
 
 /// How a run was brought to completion in this invocation.
@@ -251,7 +256,7 @@ pub struct StudyReport {
     /// Every run's result, in plan order, with how it was completed.
     pub runs: Vec<(RunResult, RunStatus)>,
     /// Decode throughput per budget, in budget order.
-    pub decode: Vec<(f64, Vec<DecodeResult>)>,
+    pub decode: Vec<(f64, DecodeReport)>,
     /// The markdown written to [`TABLE_FILE`].
     pub table: String,
     /// Path of the tables.
@@ -615,7 +620,7 @@ impl Study {
 
     /// Decode throughput of the budget's trained models, measured together (read from `decode.json` when it holds
     /// the same models and workload).
-    fn decode_throughput(&self, budget: f64, plans: &[&RunPlan]) -> Result<Vec<DecodeResult>> {
+    fn decode_throughput(&self, budget: f64, plans: &[&RunPlan]) -> Result<DecodeReport> {
         let o = &self.options.decode;
         let path = self
             .out_dir
@@ -624,10 +629,10 @@ impl Study {
             .join(DECODE_FILE);
         let names: Vec<&str> = plans.iter().map(|p| p.variant.as_str()).collect();
         if path.exists() {
-            let f: DecodeFile = read_json(&path)?;
+            let f: DecodeReport = read_json(&path)?;
             let same: Vec<&str> = f.results.iter().map(|r| r.variant.as_str()).collect();
             if f.options == *o && same == names {
-                return Ok(f.results);
+                return Ok(f);
             }
         }
         let models = plans
@@ -695,23 +700,19 @@ impl Study {
                 r.depth = depth;
             }
         }
-        let file = DecodeFile {
+        let report = DecodeReport {
             options: o.clone(),
             threads: crate::engine::num_threads(),
             load_before,
             load_after: load_average(),
-            results: results.clone(),
+            results,
         };
-        write_json_atomic(&path, &file)?;
-        Ok(results)
+        write_json_atomic(&path, &report)?;
+        Ok(report)
     }
 
     /// The markdown of [`TABLE_FILE`]: settings, the Table-9-style NLL table, run details and the MoR table.
-    fn tables(
-        &self,
-        runs: &[(RunResult, RunStatus)],
-        decode: &[(f64, Vec<DecodeResult>)],
-    ) -> String {
+    fn tables(&self, runs: &[(RunResult, RunStatus)], decode: &[(f64, DecodeReport)]) -> String {
         let o = &self.options;
         let budgets = self.budgets();
         let mut s = String::new();
@@ -795,20 +796,20 @@ impl Study {
             "\n## Depth and decode throughput\n\nDepth: fraction of held-out tokens that ran 0, 1, …, N_r recursions \
              with the routing generation uses (expert-choice: the causal rule σ ≥ 0.5; token-choice: the router's \
              choice). Decode: the engine generating {} × {} tokens from empty prompts, {} slots, temperature 1, \
-             EOS ignored, {} interleaved rounds, median; threads {}.\n\n| budget | variant | depth (0..N_r) | decode \
+             EOS ignored, {} interleaved rounds, median.\n\n| budget | variant | depth (0..N_r) | decode \
              tok/s | vs vanilla |\n|---|---|---|---|---|",
             o.decode.requests,
             o.decode.new_tokens,
             o.decode.batch,
             o.decode.rounds,
-            crate::engine::num_threads()
         );
-        for (b, rows) in decode {
-            let base = rows
+        for (b, d) in decode {
+            let base = d
+                .results
                 .iter()
                 .find(|r| r.variant == "vanilla")
                 .map(DecodeResult::tokens_per_sec);
-            for d in rows {
+            for d in &d.results {
                 let depth =
                     find(&d.variant, *b)
                         .and_then(|r| r.depth.as_ref())
@@ -828,6 +829,15 @@ impl Study {
                 );
             }
         }
+        for (b, d) in decode {
+            let _ = writeln!(
+                s,
+                "\nDecode at {}: {} threads, {}.",
+                budget_label(*b),
+                d.threads,
+                crate::bench::load_line((d.load_before, d.load_after))
+            );
+        }
         s
     }
 
@@ -845,14 +855,14 @@ impl Study {
                 points: runs
                     .iter()
                     .filter(|(r, _)| &r.variant == v)
-                    .map(|(r, _)| (r.flops / unit, r.nll))
+                    .map(|(r, _)| (r.budget / unit, r.nll))
                     .collect(),
             })
             .collect();
         plot_curves(
             path,
             "isoFLOP: held-out NLL against training compute",
-            &format!("forward FLOPs without LM head (×1e{exp:.0})"),
+            &format!("budget: forward FLOPs without LM head (×1e{exp:.0})"),
             "held-out NLL",
             &series,
         )
