@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use cli::bench::{BenchCommand, FlopsArgs};
 use cli::data::{PrepareArgs, TokenizerArgs};
+use cli::experiment::ExperimentCommand;
 use cli::generate::GenerateArgs;
 use cli::plot::PlotArgs;
 use cli::quickstart::QuickstartArgs;
@@ -65,6 +66,9 @@ enum Command {
     Uptrain(UptrainArgs),
     /// Overlay one metric of several runs in a PNG and print it as a markdown table (e.g. held-out loss).
     Plot(PlotArgs),
+    /// Studies of many runs: `isoflop` compares vanilla, recursive and MoR at equal training FLOPs.
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
 }
 
 fn main() -> ExitCode {
@@ -104,5 +108,6 @@ fn run(command: Command) -> Result<()> {
         Command::Flops(a) => cli::bench::run_flops(&a),
         Command::Bench(c) => cli::bench::run_bench(c),
         Command::Eval(c) => Ok(cli::eval::run(&c)?),
+        Command::Experiment(c) => cli::experiment::run_experiment(&c),
     }
 }

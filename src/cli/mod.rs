@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod experiment;
 pub mod generate;
 pub mod plot;
 pub mod quickstart;

@@ -1,5 +1,7 @@
-//! Training: AdamW, clipping and LR schedules, the trainer, up-training from pretrained models, metrics and plots.
+//! Training: AdamW, clipping and LR schedules, the trainer, up-training from pretrained models, metrics and plots, and
+//! the isoFLOP study.
 
+pub mod isoflop;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

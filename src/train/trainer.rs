@@ -638,21 +638,40 @@ pub fn heldout_loss(
             file.len()
         )));
     }
+    let starts: Vec<usize> = (0..n).map(|i| i * seq_len).collect();
+    heldout_loss_traced(model, file, &starts, seq_len, batch, mode, &mut |_, _| {
+        Ok(())
+    })
+}
+
+/// Mean NLL per token of `model` over the `seq_len` windows of `file` starting at `starts`, in batches of `batch`,
+/// handing every forward's routing trace and batch size to `on_trace` (routing statistics on the same windows,
+/// e.g. the realised depth distribution).
+pub fn heldout_loss_traced(
+    model: &MorModel,
+    file: &TokenFile,
+    starts: &[usize],
+    seq_len: usize,
+    batch: usize,
+    mode: RouteMode,
+    on_trace: &mut dyn FnMut(&RoutingTrace, usize) -> Result<()>,
+) -> Result<f64> {
     let opts = ForwardOptions {
         mode,
         hidden_states: false,
     };
     let (mut sum, mut count) = (0.0, 0usize);
-    let mut i = 0;
-    while i < n {
-        let bsz = batch.min(n - i);
-        let ids = file.get(i * seq_len..(i + bsz) * seq_len)?;
-        let ids = Tensor::from_vec(ids, (bsz, seq_len), model.device())?;
+    for chunk in starts.chunks(batch.max(1)) {
+        let mut ids = Vec::with_capacity(chunk.len() * seq_len);
+        for &s in chunk {
+            file.read_into(s..s + seq_len, &mut ids)?;
+        }
+        let ids = Tensor::from_vec(ids, (chunk.len(), seq_len), model.device())?;
         let out = model.forward(&ids, &opts)?;
-        let loss = model.loss(&out, &ids, bsz * seq_len)?;
+        let loss = model.loss(&out, &ids, chunk.len() * seq_len)?;
+        on_trace(&out.routing, chunk.len())?;
         sum += loss.ce_sum.to_scalar::<f32>()? as f64;
         count += loss.n_targets;
-        i += bsz;
     }
-    Ok(sum / count as f64)
+    Ok(sum / count.max(1) as f64)
 }
