@@ -345,6 +345,7 @@ fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<V
                 expert_thresholds: Some(thr.clone()),
                 ignore_eos: true,
                 asynchronous: false,
+                max_context: None,
             },
         )?;
         for i in 0..32u64 {
@@ -455,6 +456,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
                 expert_thresholds: thr.clone(),
                 ignore_eos: true,
                 asynchronous,
+                max_context: None,
             },
         )?;
         for (len, seed) in workload(o, wl) {
