@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::DType;
 use futures_util::StreamExt;
-use mor::config::ModelConfig;
 use mor::data::Tokenizer;
-use mor::model::params::ParamStore;
 use mor::model::MorModel;
 use mor::engine::sampling::SamplingParams;
 use mor::serve::{ChatTemplate, ServeOptions, ServedModel};
@@ -34,37 +34,19 @@ fn tokenizer() -> Tokenizer {
     .clone()
 }
 
-/// A small MoR model (expert-choice, 3 recursions of a shared middle block) with random weights; norms and
-/// routers are re-drawn so that routing is not degenerate and tokens exit at different depths.
+/// A small MoR model (expert-choice, 3 recursions of a shared middle block) with random weights and routers re-drawn
+/// so that tokens exit at different depths.
 fn model() -> MorModel {
     let vocab = tokenizer().vocab_size();
-    let cfg = ModelConfig::from_json(&format!(
+    let json = format!(
         r#"{{"vocab_size":{vocab},"hidden_size":32,"intermediate_size":64,"num_hidden_layers":8,
             "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":{CTX},"initializer_range":0.2,
             "recursion":{{"sharing":"middle_cycle","num_recursion":3}},"mor":{{"routing":{{"expert":{{}}}}}}}}"#
-    ))
-    .unwrap();
-    let m = MorModel::init(&cfg, ParamStore::with_dtype(&Device::Cpu, 4, DType::F32)).unwrap();
-    let mut rng = StdRng::seed_from_u64(11);
-    for (name, v) in m.params().iter() {
-        let (mean, std) = if name.contains("router") {
-            (0.0, 2.0 / (v.dims()[v.dims().len() - 1] as f64).sqrt())
-        } else if name.contains("norm") {
-            (1.0, 0.2)
-        } else {
-            continue;
-        };
-        let n: usize = v.dims().iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-                (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect();
-        v.set(&Tensor::from_vec(data, v.dims(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
-    m.frozen().unwrap()
+    );
+    common::routed_model(&json, 4, DType::F32, 0.1)
+        .unwrap()
+        .frozen()
+        .unwrap()
 }
 
 struct Server {

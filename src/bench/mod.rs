@@ -6,9 +6,11 @@
 //! - [`train`]: training step time and peak memory (`mor bench train`).
 //! - [`generate`]: generation throughput under continuous depth-wise batching (`mor bench generate`).
 //! - [`machine`]: GEMM GFLOP/s and read bandwidth (`mor bench machine`).
+//! - [`serve`]: a load generator for `mor serve` or any OpenAI-compatible server (`mor bench serve`).
 
 pub mod generate;
 pub mod machine;
+pub mod serve;
 pub mod train;
 
 /// The 1-, 5- and 15-minute load averages (Linux), for the record of how busy the machine was.

@@ -36,8 +36,8 @@ pub struct ServeArgs {
     pub port: u16,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Bearer token every /v1 request must carry (default: the MOR_API_KEY environment variable, if set).
-    #[arg(long, env = "MOR_API_KEY", hide_env_values = true)]
+    /// Bearer token every /v1 request must carry.
+    #[arg(long)]
     pub api_key: Option<String>,
     /// Model name listed by /v1/models and carried by responses (default: the model file or directory name).
     #[arg(long)]
@@ -180,6 +180,7 @@ pub fn run_serve(a: &ServeArgs) -> Result<()> {
             .unwrap_or_else(|| default_model_name(&a.model)),
         max_body_bytes: a.max_body_bytes,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        expert_thresholds: None,
     };
     let rt = runtime()?;
     rt.block_on(async {
@@ -188,4 +189,187 @@ pub fn run_serve(a: &ServeArgs) -> Result<()> {
         tracing::info!("server stopped");
         Ok(())
     })
+}
+
+/// `mor bench serve`.
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    /// A model to serve (checkpoint, run directory or .gguf).
+    #[arg(long, conflicts_with_all = ["variants", "url"])]
+    pub model: Option<std::path::PathBuf>,
+    /// With --model FILE.gguf: quantized matmuls.
+    #[arg(long)]
+    pub quantized: bool,
+    /// Random-weight variants in the `mor bench generate` shapes (e.g. vanilla,mor-expert-4), each served in turn.
+    #[arg(long, conflicts_with = "url")]
+    pub variants: Option<String>,
+    /// An already running OpenAI-compatible server to load instead (e.g. llama-server), e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The `model` field sent with --url.
+    #[arg(long, default_value = "default")]
+    pub url_model: String,
+    /// With --url: the random prompts' token ids are drawn below this (SmolLM2: 49152).
+    #[arg(long, default_value_t = 49152)]
+    pub url_vocab: usize,
+    /// Variants: model width.
+    #[arg(long, default_value_t = 256)]
+    pub hidden_size: usize,
+    /// Variants: unrolled layers.
+    #[arg(long, default_value_t = 34)]
+    pub layers: usize,
+    /// Concurrent clients (comma-separated list: one run each).
+    #[arg(long, default_value = "1,8")]
+    pub clients: String,
+    /// Requests per run.
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    /// Mean prompt length (random token ids).
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// Mean generated tokens (max_tokens, with ignore_eos).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Lengths uniform in mean × [1 − spread, 1 + spread].
+    #[arg(long, default_value_t = 0.5)]
+    pub spread: f64,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Deadline of each request in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// Rounds (servers interleaved within each).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
+    use mor::bench::serve::{bench_in_process, run_load, table, LoadOptions, ServeBenchRow};
+    let clients: Vec<usize> = a
+        .clients
+        .split(',')
+        .map(|c| c.trim().parse::<usize>().ok().filter(|&n| n >= 1))
+        .collect::<Option<_>>()
+        .context("--clients: a comma-separated list of positive integers")?;
+    if a.requests == 0 || a.rounds == 0 || !(a.timeout > 0.0) || !(0.0..1.0).contains(&a.spread) {
+        bail!("--requests and --rounds must be >= 1, --timeout > 0, --spread in [0, 1)");
+    }
+    let load = |c: usize, model: &str, vocab: usize| LoadOptions {
+        clients: c,
+        requests: a.requests,
+        prompt_tokens: a.prompt_tokens,
+        new_tokens: a.new_tokens,
+        spread: a.spread,
+        // Skip the lowest ids, where special tokens live.
+        token_range: (vocab.min(100) as u32 / 2, vocab as u32),
+        model: model.to_string(),
+        temperature: a.temperature,
+        seed: 7,
+        timeout: Duration::from_secs_f64(a.timeout),
+    };
+    let load_before = mor::bench::load_average();
+    let rt = runtime()?;
+    let mut rows: Vec<ServeBenchRow> = Vec::new();
+    // (label, loader) per server; servers are rebuilt each round so each run starts from a fresh engine.
+    type Make<'a> = Box<dyn Fn() -> Result<(ServedModel, ServeOptions)> + 'a>;
+    let mut servers: Vec<(String, Option<Make>)> = Vec::new();
+    let opts_for = |model: &mor::MorModel| ServeOptions {
+        max_batch: a.engine.max_batch,
+        max_queue: a.engine.max_queue,
+        context: a.engine.context,
+        asynchronous: a.engine.asynchronous(model),
+        served_model_name: "bench".into(),
+        ..Default::default()
+    };
+    if let Some(url) = &a.url {
+        servers.push((url.clone(), None));
+    } else if let Some(v) = &a.variants {
+        for label in v.split(',').map(str::trim) {
+            let name = label.to_string();
+            let make: Make = Box::new(move || {
+                let o = mor::bench::generate::GenerateBenchOptions {
+                    hidden_size: a.hidden_size,
+                    layers: a.layers,
+                    ..Default::default()
+                };
+                let cfg = mor::bench::generate::generate_variant_config(&name, &o)?;
+                let model = mor::MorModel::new(&cfg, &candle_core::Device::Cpu, 0)?.frozen()?;
+                let thresholds = if cfg.expert_choice().is_some() {
+                    Some(mor::bench::generate::calibrate_on_own_text(&model, &o)?)
+                } else {
+                    None
+                };
+                let mut opts = opts_for(&model);
+                if name.ends_with("+async") {
+                    opts.asynchronous = true;
+                }
+                opts.expert_thresholds = thresholds;
+                let tokenizer = mor::bench::serve::synthetic_tokenizer(cfg.vocab_size)?;
+                let served = ServedModel {
+                    model,
+                    tokenizer,
+                    quantized: None,
+                    chat_template: None,
+                };
+                Ok((served, opts))
+            });
+            servers.push((label.to_string(), Some(make)));
+        }
+    } else if let Some(path) = &a.model {
+        let args = ModelArgs {
+            model: path.clone(),
+            quantized: a.quantized,
+            tokenizer: None,
+        };
+        let label = default_model_name(&args);
+        let make: Make = Box::new(move || {
+            let served = load_served(&args)?;
+            let opts = opts_for(&served.model);
+            Ok((served, opts))
+        });
+        servers.push((label, Some(make)));
+    } else {
+        bail!("give --model PATH, --variants LIST or --url URL");
+    }
+    for round in 0..a.rounds {
+        for (si, (label, make)) in servers.iter().enumerate() {
+            let reports = match make {
+                None => {
+                    let vocab = a.url_vocab;
+                    rt.block_on(async {
+                        let mut out = Vec::new();
+                        for &c in &clients {
+                            out.push(run_load(label, &load(c, &a.url_model, vocab)).await?);
+                        }
+                        anyhow::Ok(out)
+                    })?
+                }
+                Some(make) => {
+                    let (served, opts) = make()?;
+                    let vocab = served.tokenizer.vocab_size();
+                    let loads: Vec<LoadOptions> =
+                        clients.iter().map(|&c| load(c, "bench", vocab)).collect();
+                    rt.block_on(bench_in_process(served, opts, &loads))?
+                }
+            };
+            for (ci, r) in reports.into_iter().enumerate() {
+                tracing::info!(round, server = label, clients = r.clients, tokens_per_sec = format!("{:.1}", r.tokens_per_sec), "run done");
+                let idx = ci * servers.len() + si;
+                if rows.len() <= idx {
+                    rows.resize(idx + 1, ServeBenchRow { server: String::new(), runs: Vec::new() });
+                }
+                rows[idx].server = label.clone();
+                rows[idx].runs.push(r);
+            }
+        }
+    }
+    println!("{}", table(&rows));
+    println!(
+        "{}",
+        mor::bench::load_line((load_before, mor::bench::load_average()))
+    );
+    Ok(())
 }

@@ -339,12 +339,12 @@ fn submit(
         let msg = strip_kind(e);
         // The engine's messages start with the field they refuse.
         let field = match msg.split_whitespace().next().unwrap_or("") {
-            "max_new_tokens" => "max_tokens",
-            f @ ("temperature" | "top_k" | "top_p" | "repetition_penalty") => f,
-            f if f.starts_with("stop[") => "stop",
-            _ => prompt_field,
+            "max_new_tokens" => "max_tokens".to_string(),
+            f @ ("temperature" | "top_k" | "top_p" | "repetition_penalty") => f.to_string(),
+            f if f.starts_with("stop[") => "stop".to_string(),
+            _ => prompt_field.to_string(),
         };
-        ApiError::bad_field(field, msg)
+        ApiError::bad_field(&field, msg)
     })?;
     if s.in_flight.fetch_add(1, Ordering::SeqCst) >= s.capacity() {
         s.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -109,7 +109,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.with(|m| {
             let mut o = String::new();
-            let mut gauge = |o: &mut String, name: &str, help: &str, kind: &str, v: String| {
+            let gauge = |o: &mut String, name: &str, help: &str, kind: &str, v: String| {
                 let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             };
             let _ = writeln!(

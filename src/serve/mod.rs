@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// After a shutdown signal, how long running responses may take to finish.
     pub shutdown_grace: Duration,
+    /// Expert-choice: calibrated per-recursion thresholds ([`EngineOptions::expert_thresholds`]).
+    pub expert_thresholds: Option<Vec<f64>>,
 }
 
 impl Default for ServeOptions {
@@ -70,6 +72,7 @@ impl Default for ServeOptions {
             served_model_name: "mor".into(),
             max_body_bytes: 1 << 20,
             shutdown_grace: Duration::from_secs(10),
+            expert_thresholds: None,
         }
     }
 }
@@ -100,6 +103,7 @@ pub async fn serve(
         max_batch: opts.max_batch,
         asynchronous: opts.asynchronous,
         max_context: opts.context,
+        expert_thresholds: opts.expert_thresholds.clone(),
         ..Default::default()
     };
     {
