@@ -541,7 +541,7 @@ async fn a_disconnected_stream_is_cancelled_and_frees_its_slot() {
         ..server_opts()
     })
     .await;
-    let body = json!({"prompt": "Devouring Time", "max_tokens": 120, "temperature": 0, "stream": true});
+    let body = json!({"prompt": "Devouring Time", "max_tokens": 100, "temperature": 0, "stream": true});
     let resp = s.client.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
@@ -778,7 +778,9 @@ fn spawn_serve(dir: &Path, extra: &[&str]) -> (std::process::Child, String, std:
         }
         all
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("mor serve did not start");
+    let Ok(addr) = rx.recv_timeout(Duration::from_secs(60)) else {
+        panic!("mor serve did not start:\n{}", log.join().unwrap());
+    };
     (child, addr, log)
 }
 

@@ -63,7 +63,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub context: Option<usize>,
     /// Synchronous depth-wise batching (one shared-block call per recursion per step).
-    #[arg(long, conflicts_with = "async")]
+    #[arg(long, conflicts_with = "asynchronous")]
     pub sync: bool,
     /// Asynchronous depth-wise batching (one shared-block call per step over all depths; paper App. E).
     #[arg(long = "async")]
