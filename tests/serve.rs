@@ -12,8 +12,8 @@ mod common;
 use candle_core::DType;
 use futures_util::StreamExt;
 use mor::data::Tokenizer;
-use mor::model::MorModel;
 use mor::engine::sampling::SamplingParams;
+use mor::model::MorModel;
 use mor::serve::{ChatTemplate, ServeOptions, ServedModel};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -62,7 +62,9 @@ impl Server {
     }
 
     async fn start_with(opts: ServeOptions, chat_template: Option<ChatTemplate>) -> Server {
-        let listener = mor::serve::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = mor::serve::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let served = ServedModel {
             model: model(),
@@ -83,7 +85,10 @@ impl Server {
         // The listener is bound before the engine is ready; wait until it answers.
         let t0 = Instant::now();
         while s.client.get(s.url("/health")).send().await.is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "server did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "server did not start"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         s
@@ -94,7 +99,13 @@ impl Server {
     }
 
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.post(self.url(path)).json(body).send().await.unwrap();
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap())
     }
@@ -156,7 +167,11 @@ fn parse_sse(body: &str) -> Vec<String> {
 
 /// Text, finish reason and usage of a parsed stream (completions or chat).
 fn stream_result(events: &[String]) -> (String, String, Option<Value>) {
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     let mut text = String::new();
     let mut finish = None;
     let mut usage = None;
@@ -187,7 +202,15 @@ async fn endpoints_and_completion_equal_mor_generate() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "ok");
 
-    let models: Value = s.client.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let models: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], NAME);
     assert_eq!(models["data"][0]["object"], "model");
@@ -218,7 +241,11 @@ async fn endpoints_and_completion_equal_mor_generate() {
     )
     .unwrap();
     assert_eq!(choice["text"], want.text.as_str());
-    let expect_finish = if want.finish == mor::engine::Finish::Length { "length" } else { "stop" };
+    let expect_finish = if want.finish == mor::engine::Finish::Length {
+        "length"
+    } else {
+        "stop"
+    };
     assert_eq!(choice["finish_reason"], expect_finish);
     assert_eq!(v["usage"]["prompt_tokens"], want.prompt_tokens.len());
     assert_eq!(v["usage"]["completion_tokens"], want.tokens.len());
@@ -267,10 +294,20 @@ async fn streamed_equals_non_streamed_for_completions_and_chat() {
         let mut streamed = body.clone();
         streamed["stream"] = json!(true);
         streamed["stream_options"] = json!({"include_usage": true});
-        let events = sse(s.client.post(s.url(path)).json(&streamed).send().await.unwrap()).await;
+        let events = sse(s
+            .client
+            .post(s.url(path))
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap())
+        .await;
         let (text, finish, usage) = stream_result(&events);
         let c = &whole["choices"][0];
-        let want = c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap();
+        let want = c["text"]
+            .as_str()
+            .or_else(|| c["message"]["content"].as_str())
+            .unwrap();
         assert_eq!(text, want, "{path} {body}");
         assert_eq!(finish, c["finish_reason"].as_str().unwrap());
         assert_eq!(usage.as_ref(), Some(&whole["usage"]));
@@ -294,10 +331,22 @@ async fn streamed_equals_non_streamed_for_completions_and_chat() {
 /// Requests that, sent 16 at once, must each give what they give alone.
 fn mixed_requests() -> Vec<Value> {
     let lines = [
-        "Shall I compare thee", "Thou art more lovely", "Rough winds do shake", "And summer's lease",
-        "Sometime too hot", "And often is his gold", "And every fair from fair", "By chance, or nature's",
-        "But thy eternal summer", "Nor lose possession", "Nor shall Death brag", "When in eternal lines",
-        "So long as men can breathe", "So long lives this", "Devouring Time", "And make the earth",
+        "Shall I compare thee",
+        "Thou art more lovely",
+        "Rough winds do shake",
+        "And summer's lease",
+        "Sometime too hot",
+        "And often is his gold",
+        "And every fair from fair",
+        "By chance, or nature's",
+        "But thy eternal summer",
+        "Nor lose possession",
+        "Nor shall Death brag",
+        "When in eternal lines",
+        "So long as men can breathe",
+        "So long lives this",
+        "Devouring Time",
+        "And make the earth",
     ];
     lines
         .iter()
@@ -349,7 +398,12 @@ async fn sixteen_concurrent_requests_equal_the_same_sent_one_at_a_time() {
     // Sequences were really batched, and tokens left the shared block at different depths.
     assert!(metric(&m, "mor_shared_block_mean_rows") > 1.0, "{m}");
     let depths: Vec<f64> = (1..=3)
-        .map(|d| metric(&m, &format!("mor_recursion_exit_tokens_total{{depth=\"{d}\"}}")))
+        .map(|d| {
+            metric(
+                &m,
+                &format!("mor_recursion_exit_tokens_total{{depth=\"{d}\"}}"),
+            )
+        })
         .collect();
     assert!(depths.iter().filter(|&&c| c > 0.0).count() >= 2, "{m}");
     assert_eq!(metric(&m, "mor_running_sequences"), 0.0);
@@ -361,39 +415,135 @@ async fn bad_requests_get_400_naming_the_field() {
     let s = Server::start(server_opts()).await;
     let long = "word ".repeat(400);
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": -5}), "max_tokens"),
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
-        ("/v1/completions", json!({"prompt": "a", "max_completion_tokens": 0}), "max_completion_tokens"),
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": CTX}), "max_tokens"),
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": "ten"}), "max_tokens"),
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": 2.5}), "max_tokens"),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": -5}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_completion_tokens": 0}),
+            "max_completion_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": CTX}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": "ten"}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 2.5}),
+            "max_tokens",
+        ),
         ("/v1/completions", json!({"prompt": long}), "prompt"),
-        ("/v1/completions", json!({"prompt": vec![1u32; CTX]}), "prompt"),
+        (
+            "/v1/completions",
+            json!({"prompt": vec![1u32; CTX]}),
+            "prompt",
+        ),
         ("/v1/completions", json!({"prompt": [1, 100000]}), "prompt"),
         ("/v1/completions", json!({"prompt": [1, -1]}), "prompt[1]"),
         ("/v1/completions", json!({"prompt": 7}), "prompt"),
         ("/v1/completions", json!({"prompt": ["a", "b"]}), "prompt"),
         ("/v1/completions", json!({}), "prompt"),
         ("/v1/completions", json!({"prompt": "a", "n": 2}), "n"),
-        ("/v1/completions", json!({"prompt": "a", "temperature": -1}), "temperature"),
-        ("/v1/completions", json!({"prompt": "a", "temperature": "hot"}), "temperature"),
-        ("/v1/completions", json!({"prompt": "a", "top_p": 0}), "top_p"),
-        ("/v1/completions", json!({"prompt": "a", "top_k": -3}), "top_k"),
-        ("/v1/completions", json!({"prompt": "a", "repetition_penalty": 0}), "repetition_penalty"),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "temperature": -1}),
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "temperature": "hot"}),
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "top_p": 0}),
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "top_k": -3}),
+            "top_k",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "repetition_penalty": 0}),
+            "repetition_penalty",
+        ),
         ("/v1/completions", json!({"prompt": "a", "stop": 3}), "stop"),
-        ("/v1/completions", json!({"prompt": "a", "stop": ["x", ""]}), "stop"),
-        ("/v1/completions", json!({"prompt": "a", "stream": "yes"}), "stream"),
-        ("/v1/completions", json!({"prompt": "a", "stream_options": {"include_usage": 1}}), "stream_options.include_usage"),
-        ("/v1/completions", json!({"prompt": "a", "logprobs": 3}), "logprobs"),
-        ("/v1/completions", json!({"prompt": "a", "frequency_penalty": 0.5}), "frequency_penalty"),
-        ("/v1/completions", json!({"prompt": "a", "seed": "s"}), "seed"),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "stop": ["x", ""]}),
+            "stop",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "stream": "yes"}),
+            "stream",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "stream_options": {"include_usage": 1}}),
+            "stream_options.include_usage",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "logprobs": 3}),
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "frequency_penalty": 0.5}),
+            "frequency_penalty",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "seed": "s"}),
+            "seed",
+        ),
         ("/v1/chat/completions", json!({"messages": []}), "messages"),
-        ("/v1/chat/completions", json!({"messages": "hi"}), "messages"),
-        ("/v1/chat/completions", json!({"messages": [{"content": "hi"}]}), "messages[0].role"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "robot", "content": "hi"}]}), "messages"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": long}]}), "messages"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "n": 3}), "n"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": "hi"}),
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "robot", "content": "hi"}]}),
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": long}]}),
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 3}),
+            "n",
+        ),
     ];
     for (path, body, field) in cases {
         let (status, v) = s.post(path, &body).await;
@@ -402,7 +552,10 @@ async fn bad_requests_get_400_naming_the_field() {
         assert_eq!(e["type"], "invalid_request_error", "{v}");
         assert_eq!(e["param"], field, "{body}: {v}");
         let msg = e["message"].as_str().unwrap();
-        assert!(msg.contains(field.split('[').next().unwrap()), "{body}: {msg}");
+        assert!(
+            msg.contains(field.split('[').next().unwrap()),
+            "{body}: {msg}"
+        );
     }
     // Malformed JSON and a JSON that is not an object.
     for raw in ["{\"prompt\": ", "[1, 2]", "", "\u{0}\u{ff}"] {
@@ -416,17 +569,27 @@ async fn bad_requests_get_400_naming_the_field() {
             .unwrap();
         assert_eq!(r.status(), 400, "{raw:?}");
         let v: Value = r.json().await.unwrap();
-        assert!(v["error"]["message"].as_str().unwrap().contains("JSON"), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("JSON"),
+            "{v}"
+        );
     }
     // A wrong model name: 404 as OpenAI answers.
-    let (status, v) = s.post("/v1/completions", &json!({"model": "gpt-4", "prompt": "a"})).await;
+    let (status, v) = s
+        .post("/v1/completions", &json!({"model": "gpt-4", "prompt": "a"}))
+        .await;
     assert_eq!(status, 404, "{v}");
     assert_eq!(v["error"]["code"], "model_not_found");
     // The server still works.
-    let (status, _) = s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 3})).await;
+    let (status, _) = s
+        .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 3}))
+        .await;
     assert_eq!(status, 200);
     let m = s.metrics().await;
-    assert!(metric(&m, "mor_requests_total{outcome=\"bad_request\"}") >= 37.0, "{m}");
+    assert!(
+        metric(&m, "mor_requests_total{outcome=\"bad_request\"}") >= 37.0,
+        "{m}"
+    );
     s.stop().await;
 }
 
@@ -434,10 +597,19 @@ async fn bad_requests_get_400_naming_the_field() {
 async fn chat_without_a_template_is_a_clear_error() {
     let s = Server::start_with(server_opts(), None).await;
     let (status, v) = s
-        .post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
         .await;
     assert_eq!(status, 400);
-    assert!(v["error"]["message"].as_str().unwrap().contains("chat template"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("chat template"),
+        "{v}"
+    );
     s.stop().await;
 }
 
@@ -454,10 +626,14 @@ async fn overload_gets_429_while_admitted_requests_complete() {
         .map(|i| {
             let (client, url) = (s.client.clone(), s.url("/v1/completions"));
             tokio::spawn(async move {
-                let body = json!({"prompt": format!("Sonnet {i}:"), "max_tokens": 100, "temperature": 0});
+                let body =
+                    json!({"prompt": format!("Sonnet {i}:"), "max_tokens": 100, "temperature": 0});
                 let r = client.post(url).json(&body).send().await.unwrap();
                 let status = r.status().as_u16();
-                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
                 (status, retry, r.json::<Value>().await.unwrap())
             })
         })
@@ -482,7 +658,10 @@ async fn overload_gets_429_while_admitted_requests_complete() {
     assert!(refused >= 1, "{refused} refused");
     assert_eq!(ok + refused, n);
     let m = s.metrics().await;
-    assert_eq!(metric(&m, "mor_requests_total{outcome=\"rejected_overload\"}"), refused as f64);
+    assert_eq!(
+        metric(&m, "mor_requests_total{outcome=\"rejected_overload\"}"),
+        refused as f64
+    );
     s.stop().await;
 }
 
@@ -495,7 +674,12 @@ async fn api_key_and_body_limit() {
     })
     .await;
     let body = json!({"prompt": "a", "max_tokens": 2});
-    for auth in [None, Some("Bearer wrong"), Some("sekret"), Some("Basic sekret")] {
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("sekret"),
+        Some("Basic sekret"),
+    ] {
         let mut r = s.client.post(s.url("/v1/completions")).json(&body);
         if let Some(a) = auth {
             r = r.header("authorization", a);
@@ -517,7 +701,15 @@ async fn api_key_and_body_limit() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // /health needs no key.
-    assert_eq!(s.client.get(s.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(s.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let big = json!({"prompt": "x".repeat(10_000)});
     let r = s
         .client
@@ -529,7 +721,10 @@ async fn api_key_and_body_limit() {
         .unwrap();
     assert_eq!(r.status(), 413);
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("4096"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("4096"),
+        "{v}"
+    );
     s.stop().await;
 }
 
@@ -541,8 +736,15 @@ async fn a_disconnected_stream_is_cancelled_and_frees_its_slot() {
         ..server_opts()
     })
     .await;
-    let body = json!({"prompt": "Devouring Time", "max_tokens": 100, "temperature": 0, "stream": true});
-    let resp = s.client.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
+    let body =
+        json!({"prompt": "Devouring Time", "max_tokens": 100, "temperature": 0, "stream": true});
+    let resp = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     // Read the first chunk, so the sequence is running, then hang up.
@@ -551,22 +753,33 @@ async fn a_disconnected_stream_is_cancelled_and_frees_its_slot() {
     let m = s.metrics().await;
     assert_eq!(metric(&m, "mor_running_sequences"), 1.0, "{m}");
     // With one slot and no queue, a second request is refused while the first runs.
-    let (status, _) = s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2})).await;
+    let (status, _) = s
+        .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}))
+        .await;
     assert_eq!(status, 429);
     drop(stream);
     let t0 = Instant::now();
     loop {
         let m = s.metrics().await;
         if metric(&m, "mor_running_sequences") == 0.0 {
-            assert_eq!(metric(&m, "mor_requests_total{outcome=\"cancelled\"}"), 1.0, "{m}");
+            assert_eq!(
+                metric(&m, "mor_requests_total{outcome=\"cancelled\"}"),
+                1.0,
+                "{m}"
+            );
             assert_eq!(metric(&m, "mor_kv_cache_bytes"), 0.0, "{m}");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "not cancelled:\n{m}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not cancelled:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The slot is free again.
-    let (status, v) = s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2})).await;
+    let (status, v) = s
+        .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}))
+        .await;
     assert_eq!(status, 200, "{v}");
     s.stop().await;
 }
@@ -575,14 +788,40 @@ async fn a_disconnected_stream_is_cancelled_and_frees_its_slot() {
 /// random type.
 fn mutate(rng: &mut StdRng, body: &Value) -> Vec<u8> {
     let randoms = [
-        json!(null), json!(true), json!(-1), json!(0), json!(1e308), json!(-7.5), json!(""), json!("x"),
-        json!([]), json!([1, 2]), json!({}), json!({"a": 1}), json!(u64::MAX), json!([["a"]]), json!(3),
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1e308),
+        json!(-7.5),
+        json!(""),
+        json!("x"),
+        json!([]),
+        json!([1, 2]),
+        json!({}),
+        json!({"a": 1}),
+        json!(u64::MAX),
+        json!([["a"]]),
+        json!(3),
     ];
     let mut v = body.clone();
     if rng.random_bool(0.5) {
         let fields = [
-            "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-            "seed", "stop", "stream", "stream_options", "n", "logprobs", "model", "repetition_penalty",
+            "prompt",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "stream",
+            "stream_options",
+            "n",
+            "logprobs",
+            "model",
+            "repetition_penalty",
         ];
         for _ in 0..rng.random_range(1..4) {
             let f = fields[rng.random_range(0..fields.len())];
@@ -638,11 +877,23 @@ async fn fuzzed_bodies_headers_and_half_closed_connections_leave_it_serving() {
     let addr = s.base.trim_start_matches("http://").to_string();
 
     let bases = [
-        ("/v1/completions", json!({"prompt": "Thy", "max_tokens": 3, "temperature": 0.5, "seed": 1})),
-        ("/v1/completions", json!({"prompt": [5, 6, 7], "max_tokens": 2, "stop": ["a"], "stream": true})),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
-                                        "stream": true, "stream_options": {"include_usage": true}})),
+        (
+            "/v1/completions",
+            json!({"prompt": "Thy", "max_tokens": 3, "temperature": 0.5, "seed": 1}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [5, 6, 7], "max_tokens": 2, "stop": ["a"], "stream": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                        "stream": true, "stream_options": {"include_usage": true}}),
+        ),
     ];
     let deadline = Instant::now() + Duration::from_secs(12);
     let mut rng = StdRng::seed_from_u64(2024);
@@ -660,9 +911,15 @@ async fn fuzzed_bodies_headers_and_half_closed_connections_leave_it_serving() {
             let url = s.url(path);
             let addr = addr.clone();
             let kind = (round * 12 + k) % 10;
-            let junk: Vec<u8> = (0..rng.random_range(0..300)).map(|_| rng.random()).collect();
-            let ctype = ["application/json", "text/plain", "application/x-www-form-urlencoded", "\u{1}"]
-                [rng.random_range(0..4)];
+            let junk: Vec<u8> = (0..rng.random_range(0..300))
+                .map(|_| rng.random())
+                .collect();
+            let ctype = [
+                "application/json",
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "\u{1}",
+            ][rng.random_range(0..4)];
             tasks.push(tokio::spawn(async move {
                 match kind {
                     // Half-closed connection with a partial request, or with garbage.
@@ -683,10 +940,26 @@ async fn fuzzed_bodies_headers_and_half_closed_connections_leave_it_serving() {
                     }
                     // A random method and path.
                     2 => {
-                        let paths = ["/", "/v1", "/v1/models", "/metrics", "/v1/completions/x", "/%ff", "/health?x=1"];
+                        let paths = [
+                            "/",
+                            "/v1",
+                            "/v1/models",
+                            "/metrics",
+                            "/v1/completions/x",
+                            "/%ff",
+                            "/health?x=1",
+                        ];
                         let p = paths[junk.len() % paths.len()];
-                        let m = if junk.len() % 2 == 0 { reqwest::Method::DELETE } else { reqwest::Method::GET };
-                        let r = client.request(m, format!("{}{p}", url.split("/v1").next().unwrap())).send().await.ok()?;
+                        let m = if junk.len() % 2 == 0 {
+                            reqwest::Method::DELETE
+                        } else {
+                            reqwest::Method::GET
+                        };
+                        let r = client
+                            .request(m, format!("{}{p}", url.split("/v1").next().unwrap()))
+                            .send()
+                            .await
+                            .ok()?;
                         Some(r.status().as_u16())
                     }
                     _ => {
@@ -702,8 +975,9 @@ async fn fuzzed_bodies_headers_and_half_closed_connections_leave_it_serving() {
                         let status = r.status().as_u16();
                         let text = r.text().await.ok()?;
                         if status != 200 {
-                            let v: Value = serde_json::from_str(&text)
-                                .unwrap_or_else(|e| panic!("{status} with a non-JSON body {text:?}: {e}"));
+                            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                                panic!("{status} with a non-JSON body {text:?}: {e}")
+                            });
                             assert!(v["error"]["message"].is_string(), "{text}");
                         } else if text.starts_with("data:") {
                             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -723,9 +997,15 @@ async fn fuzzed_bodies_headers_and_half_closed_connections_leave_it_serving() {
     println!("fuzz: {sent} requests, statuses {statuses:?}");
     assert!(sent >= 500, "only {sent} fuzz requests in the time bound");
     for code in statuses.keys() {
-        assert!([200, 400, 404, 405, 413, 429].contains(code), "status {code}: {statuses:?}");
+        assert!(
+            [200, 400, 404, 405, 413, 429].contains(code),
+            "status {code}: {statuses:?}"
+        );
     }
-    assert!(statuses.get(&200).copied().unwrap_or(0) > 0 && statuses.get(&400).copied().unwrap_or(0) > 0);
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) > 0
+            && statuses.get(&400).copied().unwrap_or(0) > 0
+    );
     // Still serving, with the same answer, and nothing left running.
     let (status, after) = s.post("/v1/completions", &probe).await;
     assert_eq!(status, 200, "{after}");
@@ -752,7 +1032,10 @@ fn checkpoint_dir() -> tempfile::TempDir {
 }
 
 /// The `mor` binary's `serve`, started on an ephemeral port; returns the child and its address once it listens.
-fn spawn_serve(dir: &Path, extra: &[&str]) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+fn spawn_serve(
+    dir: &Path,
+    extra: &[&str],
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mor"))
         .args(["serve", "--model"])
@@ -770,7 +1053,10 @@ fn spawn_serve(dir: &Path, extra: &[&str]) -> (std::process::Child, String, std:
         for line in std::io::BufReader::new(stderr).lines() {
             let line = line.unwrap_or_default();
             if let Some(i) = line.find("http://") {
-                let addr: String = line[i + 7..].chars().take_while(|c| !c.is_whitespace() && *c != '\u{1b}').collect();
+                let addr: String = line[i + 7..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
+                    .collect();
                 let _ = tx.send(addr);
             }
             all.push_str(&line);
@@ -789,8 +1075,14 @@ async fn sigterm_lets_running_streams_finish_then_exits_0() {
     let dir = checkpoint_dir();
     let (mut child, addr, log) = spawn_serve(dir.path(), &["--shutdown-grace", "20"]);
     let client = reqwest::Client::new();
-    let body = json!({"prompt": "Those hours", "max_tokens": 100, "temperature": 0, "stream": true});
-    let resp = client.post(format!("http://{addr}/v1/completions")).json(&body).send().await.unwrap();
+    let body =
+        json!({"prompt": "Those hours", "max_tokens": 100, "temperature": 0, "stream": true});
+    let resp = client
+        .post(format!("http://{addr}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
@@ -805,11 +1097,17 @@ async fn sigterm_lets_running_streams_finish_then_exits_0() {
     let events = parse_sse(&text);
     let (_, finish, _) = stream_result(&events);
     assert!(finish == "length" || finish == "stop");
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     let log = log.join().unwrap();
     assert!(status.success(), "exit {status:?}\n{log}");
     assert!(log.contains("server stopped"), "{log}");
-    assert!(client.get(format!("http://{addr}/health")).send().await.is_err());
+    assert!(client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .is_err());
 }
 
 #[test]
@@ -819,7 +1117,14 @@ fn mor_chat_streams_replies_from_piped_stdin() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mor"))
         .args(["chat", "--model"])
         .arg(dir.path())
-        .args(["--max-tokens", "12", "--temperature", "0", "--system", "Be kind."])
+        .args([
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--system",
+            "Be kind.",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -843,17 +1148,30 @@ fn mor_chat_streams_replies_from_piped_stdin() {
     let tok = tokenizer();
     let t = ChatTemplate::new(TEMPLATE, "", "</s>").unwrap();
     let conv = vec![
-        mor::serve::api::Message { role: "system".into(), content: "Be kind.".into() },
-        mor::serve::api::Message { role: "user".into(), content: "Hello there".into() },
+        mor::serve::api::Message {
+            role: "system".into(),
+            content: "Be kind.".into(),
+        },
+        mor::serve::api::Message {
+            role: "user".into(),
+            content: "Hello there".into(),
+        },
     ];
     let prompt = t.render(&conv).unwrap();
     let want = mor::engine::generate::generate(
         &model(),
         &tok,
         &prompt,
-        &SamplingParams { max_new_tokens: 12, ..Default::default() },
+        &SamplingParams {
+            max_new_tokens: 12,
+            ..Default::default()
+        },
         &mut |_| {},
     )
     .unwrap();
-    assert!(stdout.starts_with(&format!("{}\n", want.text)), "{stdout:?} vs {:?}", want.text);
+    assert!(
+        stdout.starts_with(&format!("{}\n", want.text)),
+        "{stdout:?} vs {:?}",
+        want.text
+    );
 }

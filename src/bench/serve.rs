@@ -127,8 +127,13 @@ pub async fn run_load(base: &str, o: &LoadOptions) -> Result<LoadReport> {
     let start = Instant::now();
     let tasks: Vec<_> = (0..o.clients)
         .map(|_| {
-            let (bodies, next, samples, client, url) =
-                (bodies.clone(), next.clone(), samples.clone(), client.clone(), url.clone());
+            let (bodies, next, samples, client, url) = (
+                bodies.clone(),
+                next.clone(),
+                samples.clone(),
+                client.clone(),
+                url.clone(),
+            );
             let timeout = o.timeout;
             tokio::spawn(async move {
                 loop {
@@ -137,7 +142,12 @@ pub async fn run_load(base: &str, o: &LoadOptions) -> Result<LoadReport> {
                     let r = tokio::time::timeout(timeout, one_request(&client, &url, body)).await;
                     let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
                     match r {
-                        Ok(Outcome::Done { tokens, ttft, itl, latency }) => {
+                        Ok(Outcome::Done {
+                            tokens,
+                            ttft,
+                            itl,
+                            latency,
+                        }) => {
                             s.ok += 1;
                             s.tokens += tokens;
                             s.ttft.extend(ttft);
@@ -152,7 +162,8 @@ pub async fn run_load(base: &str, o: &LoadOptions) -> Result<LoadReport> {
         })
         .collect();
     for t in tasks {
-        t.await.map_err(|e| MorError::Config(format!("load client: {e}")))?;
+        t.await
+            .map_err(|e| MorError::Config(format!("load client: {e}")))?;
     }
     let secs = start.elapsed().as_secs_f64();
     let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
@@ -168,7 +179,10 @@ pub async fn run_load(base: &str, o: &LoadOptions) -> Result<LoadReport> {
         tokens_per_sec: s.tokens as f64 / secs.max(1e-9),
         ttft: (quantile(&mut s.ttft, 0.5), quantile(&mut s.ttft, 0.99)),
         itl: (quantile(&mut s.itl, 0.5), quantile(&mut s.itl, 0.99)),
-        latency: (quantile(&mut s.latency, 0.5), quantile(&mut s.latency, 0.99)),
+        latency: (
+            quantile(&mut s.latency, 0.5),
+            quantile(&mut s.latency, 0.99),
+        ),
     })
 }
 
@@ -200,7 +214,9 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Outco
     let mut usage = None;
     let mut done = false;
     while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else { return Outcome::Failed };
+        let Ok(chunk) = chunk else {
+            return Outcome::Failed;
+        };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
@@ -210,13 +226,16 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Outco
                     done = true;
                     continue;
                 }
-                let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage = Some(n as usize);
                 }
-                let has_text = v["choices"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty())));
+                let has_text = v["choices"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty()))
+                });
                 if has_text {
                     times.push(t0.elapsed().as_secs_f64());
                 }
@@ -275,7 +294,9 @@ pub async fn bench_in_process(
     let t0 = Instant::now();
     while client.get(format!("{base}/health")).send().await.is_err() {
         if t0.elapsed() > Duration::from_secs(120) || server.is_finished() {
-            return Err(MorError::Config("the benchmark server did not start".into()));
+            return Err(MorError::Config(
+                "the benchmark server did not start".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -310,7 +331,9 @@ pub fn table(rows: &[ServeBenchRow]) -> String {
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let Some(first) = r.runs.first() else { continue };
+        let Some(first) = r.runs.first() else {
+            continue;
+        };
         let base = rows
             .iter()
             .find(|b| b.runs.first().is_some_and(|f| f.clients == first.clients))

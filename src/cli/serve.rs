@@ -356,10 +356,22 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
                 }
             };
             for (ci, r) in reports.into_iter().enumerate() {
-                tracing::info!(round, server = label, clients = r.clients, tokens_per_sec = format!("{:.1}", r.tokens_per_sec), "run done");
+                tracing::info!(
+                    round,
+                    server = label,
+                    clients = r.clients,
+                    tokens_per_sec = format!("{:.1}", r.tokens_per_sec),
+                    "run done"
+                );
                 let idx = ci * servers.len() + si;
                 if rows.len() <= idx {
-                    rows.resize(idx + 1, ServeBenchRow { server: String::new(), runs: Vec::new() });
+                    rows.resize(
+                        idx + 1,
+                        ServeBenchRow {
+                            server: String::new(),
+                            runs: Vec::new(),
+                        },
+                    );
                 }
                 rows[idx].server = label.clone();
                 rows[idx].runs.push(r);

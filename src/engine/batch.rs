@@ -520,7 +520,8 @@ impl<'m> Engine<'m> {
         }
         if let Some(i) = self.running.iter().position(|r| r.id == id) {
             let r = self.running.remove(i);
-            self.finished.push(r.decoder.finished(id, Finish::Cancelled));
+            self.finished
+                .push(r.decoder.finished(id, Finish::Cancelled));
             return true;
         }
         false

@@ -9,10 +9,10 @@ use candle_core::{IndexOp, Tensor};
 
 use crate::data::Tokenizer;
 use crate::engine::batch::{check_tokenizer, Decoder, EosRule, RequestCheck, RequestId};
+use crate::engine::sampling::SamplingParams;
 use crate::engine::{CachedModel, Engine, EngineOptions, Finish, Finished};
 use crate::error::{MorError, Result};
 use crate::model::{ForwardOptions, MorModel};
-use crate::engine::sampling::SamplingParams;
 
 /// A finished generation.
 #[derive(Debug, Clone)]
@@ -98,7 +98,8 @@ pub fn generate_reference(
 ) -> Result<Generation> {
     check_tokenizer(model, tokenizer)?;
     let eos = EosRule::new(model, Some(tokenizer), None);
-    let req = RequestCheck::new(model, &eos, true, None).check(tokenizer.encode(prompt)?, params)?;
+    let req =
+        RequestCheck::new(model, &eos, true, None).check(tokenizer.encode(prompt)?, params)?;
     let mut decoder = Decoder::new(req, params, true)?;
     let opts = ForwardOptions::causal();
     let finish = loop {

@@ -19,7 +19,8 @@ pub mod sampling;
 pub mod step;
 
 pub use batch::{
-    Checked, Engine, EngineOptions, EngineStats, EosRule, Finish, Finished, Progress, RequestCheck, RequestId,
+    Checked, Engine, EngineOptions, EngineStats, EosRule, Finish, Finished, Progress, RequestCheck,
+    RequestId,
 };
 pub use cache::{LayerKv, SeqKv};
 pub use kernels::{num_threads, pin_thread_count};

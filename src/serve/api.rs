@@ -8,8 +8,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use crate::engine::Finish;
 use crate::engine::sampling::{SamplingParams, MAX_NEW_TOKENS_LIMIT};
+use crate::engine::Finish;
 
 /// An error answered as OpenAI does: a status and `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,8 +81,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, json_body(&self.body())).into_response();
         if let Some(s) = self.retry_after {
-            r.headers_mut()
-                .insert("retry-after", HeaderValue::from(s));
+            r.headers_mut().insert("retry-after", HeaderValue::from(s));
         }
         r
     }
@@ -152,9 +151,8 @@ pub struct ChatRequest {
 
 /// The body as a JSON object.
 pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
-    })?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     match v {
         Value::Object(m) => Ok(m),
         _ => Err(ApiError::bad_request(
@@ -216,7 +214,10 @@ impl Fields<'_> {
                 None => match n.as_f64() {
                     Some(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => Ok(Some(x as i64)),
                     _ if n.is_u64() => Err(ApiError::bad_field(f, format!("{f} is too large"))),
-                    _ => Err(ApiError::bad_field(f, format!("{f} must be an integer, got {n}"))),
+                    _ => Err(ApiError::bad_field(
+                        f,
+                        format!("{f} must be an integer, got {n}"),
+                    )),
                 },
             },
             Some(v) => Err(wrong_type(f, "an integer", v)),
@@ -226,14 +227,20 @@ impl Fields<'_> {
 
 /// The fields common to both endpoints.
 fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
-    let max_tokens = match (f.integer("max_completion_tokens")?, f.integer("max_tokens")?) {
+    let max_tokens = match (
+        f.integer("max_completion_tokens")?,
+        f.integer("max_tokens")?,
+    ) {
         (Some(n), _) => Some(("max_completion_tokens", n)),
         (None, Some(n)) => Some(("max_tokens", n)),
         (None, None) => None,
     };
     let max_tokens = match max_tokens {
         Some((field, n)) if n <= 0 => {
-            return Err(ApiError::bad_field(field, format!("{field} must be >= 1, got {n}")))
+            return Err(ApiError::bad_field(
+                field,
+                format!("{field} must be >= 1, got {n}"),
+            ))
         }
         Some((field, n)) if n as u64 > MAX_NEW_TOKENS_LIMIT as u64 => {
             return Err(ApiError::bad_field(
@@ -254,14 +261,20 @@ fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
     let top_p = f.number("top_p")?;
     if let Some(p) = top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::bad_field("top_p", format!("top_p must be in (0, 1], got {p}")));
+            return Err(ApiError::bad_field(
+                "top_p",
+                format!("top_p must be in (0, 1], got {p}"),
+            ));
         }
     }
     let top_k = match f.integer("top_k")? {
         // 0 and -1 mean "off" in llama.cpp and vLLM.
         None | Some(0) | Some(-1) => None,
         Some(k) if k < 0 => {
-            return Err(ApiError::bad_field("top_k", format!("top_k must be >= 0, got {k}")))
+            return Err(ApiError::bad_field(
+                "top_k",
+                format!("top_k must be >= 0, got {k}"),
+            ))
         }
         Some(k) => Some(k as usize),
     };
@@ -291,7 +304,10 @@ fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
         Some(v) => return Err(wrong_type("stop", "a string or an array of strings", v)),
     };
     if let Some(i) = stop.iter().position(String::is_empty) {
-        return Err(ApiError::bad_field("stop", format!("stop[{i}] is an empty string")));
+        return Err(ApiError::bad_field(
+            "stop",
+            format!("stop[{i}] is an empty string"),
+        ));
     }
     match f.integer("n")? {
         None | Some(1) => {}
@@ -319,7 +335,10 @@ fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
         Some(v) => return Err(wrong_type("logprobs", "a boolean or an integer", v)),
     };
     if logprobs {
-        return Err(ApiError::bad_field("logprobs", "logprobs are not supported"));
+        return Err(ApiError::bad_field(
+            "logprobs",
+            "logprobs are not supported",
+        ));
     }
     if f.bool("echo")? == Some(true) {
         return Err(ApiError::bad_field("echo", "echo is not supported"));
@@ -327,12 +346,14 @@ fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
-        Some(Value::Object(o)) => Fields(o).bool("include_usage").map_err(|mut e| {
-            e.param = Some("stream_options.include_usage".into());
-            e.message = format!("stream_options.{}", e.message);
-            e
-        })?
-        .unwrap_or(false),
+        Some(Value::Object(o)) => Fields(o)
+            .bool("include_usage")
+            .map_err(|mut e| {
+                e.param = Some("stream_options.include_usage".into());
+                e.message = format!("stream_options.{}", e.message);
+                e
+            })?
+            .unwrap_or(false),
         Some(v) => return Err(wrong_type("stream_options", "an object", v)),
     };
     Ok(Generation {
@@ -370,7 +391,12 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
 fn token_id(v: &Value, field: &str) -> Result<u32, ApiError> {
     v.as_u64()
         .and_then(|t| u32::try_from(t).ok())
-        .ok_or_else(|| ApiError::bad_field(field, format!("{field} must be a token id (an integer >= 0)")))
+        .ok_or_else(|| {
+            ApiError::bad_field(
+                field,
+                format!("{field} must be a token id (an integer >= 0)"),
+            )
+        })
 }
 
 fn parse_prompt(v: &Value) -> Result<Prompt, ApiError> {
@@ -408,7 +434,10 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let messages = match f.get("messages") {
         None => return Err(ApiError::bad_field("messages", "messages is required")),
         Some(Value::Array(a)) if a.is_empty() => {
-            return Err(ApiError::bad_field("messages", "messages must not be empty"))
+            return Err(ApiError::bad_field(
+                "messages",
+                "messages must not be empty",
+            ))
         }
         Some(Value::Array(a)) => a
             .iter()
@@ -433,7 +462,9 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
     let role = f
         .string("role")
         .map_err(|e| ApiError::bad_field(&format!("{at}.role"), format!("{at}.{}", e.message)))?
-        .ok_or_else(|| ApiError::bad_field(&format!("{at}.role"), format!("{at}.role is required")))?;
+        .ok_or_else(|| {
+            ApiError::bad_field(&format!("{at}.role"), format!("{at}.role is required"))
+        })?;
     let content = match f.get("content") {
         None => String::new(),
         Some(Value::String(s)) => s.clone(),
@@ -453,7 +484,13 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
             }
             text
         }
-        Some(v) => return Err(wrong_type(&format!("{at}.content"), "a string or an array of parts", v)),
+        Some(v) => {
+            return Err(wrong_type(
+                &format!("{at}.content"),
+                "a string or an array of parts",
+                v,
+            ))
+        }
     };
     Ok(Message { role, content })
 }

@@ -504,7 +504,8 @@ impl Chunker {
     /// A chat chunk with `delta`.
     fn delta(&self, delta: Value, finish: Option<&str>) -> String {
         let mut v = self.head();
-        v["choices"] = json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
+        v["choices"] =
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
         v.to_string()
     }
 
@@ -563,8 +564,11 @@ impl StreamState {
                 self.done = true;
             }
             None => {
-                self.queue
-                    .push_back(engine_error("the engine dropped the request").body().to_string());
+                self.queue.push_back(
+                    engine_error("the engine dropped the request")
+                        .body()
+                        .to_string(),
+                );
                 self.queue.push_back("[DONE]".into());
                 self.done = true;
             }

@@ -111,7 +111,15 @@ pub async fn serve(
         std::thread::Builder::new()
             .name("mor-engine".into())
             .spawn(move || {
-                worker::run(model, quantized, tokenizer, engine_opts, metrics, job_rx, ready_tx)
+                worker::run(
+                    model,
+                    quantized,
+                    tokenizer,
+                    engine_opts,
+                    metrics,
+                    job_rx,
+                    ready_tx,
+                )
             })
             .map_err(|e| MorError::Config(format!("cannot start the engine thread: {e}")))?;
     }

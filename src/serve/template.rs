@@ -29,9 +29,12 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // Hugging Face templates signal bad conversations (e.g. roles out of order) with raise_exception(msg).
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| MorError::Config(format!("chat template: {e}")))?;
         Ok(ChatTemplate {
@@ -55,7 +58,10 @@ impl ChatTemplate {
             eos_token => self.eos_token,
         })
         .map_err(|e| {
-            let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+            let detail = e
+                .detail()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.to_string());
             MorError::Request(format!("the chat template refused the messages: {detail}"))
         })
     }

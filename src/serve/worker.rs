@@ -11,10 +11,10 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::data::Tokenizer;
+use crate::engine::sampling::SamplingParams;
 use crate::engine::{CachedModel, Engine, EngineOptions, Finish, RequestCheck, RequestId};
 use crate::error::Result;
 use crate::model::MorModel;
-use crate::engine::sampling::SamplingParams;
 use crate::serve::api::finish_reason;
 use crate::serve::metrics::Metrics;
 
