@@ -950,7 +950,7 @@ async fn fuzzed_bodies_headers_and_half_closed_connections_leave_it_serving() {
                             "/health?x=1",
                         ];
                         let p = paths[junk.len() % paths.len()];
-                        let m = if junk.len() % 2 == 0 {
+                        let m = if junk.len().is_multiple_of(2) {
                             reqwest::Method::DELETE
                         } else {
                             reqwest::Method::GET
@@ -1092,7 +1092,7 @@ async fn sigterm_lets_running_streams_finish_then_exits_0() {
         .unwrap();
     assert!(killed.success());
     while let Some(chunk) = stream.next().await {
-        text.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     let events = parse_sse(&text);
     let (_, finish, _) = stream_result(&events);

@@ -254,7 +254,12 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
         .map(|c| c.trim().parse::<usize>().ok().filter(|&n| n >= 1))
         .collect::<Option<_>>()
         .context("--clients: a comma-separated list of positive integers")?;
-    if a.requests == 0 || a.rounds == 0 || !(a.timeout > 0.0) || !(0.0..1.0).contains(&a.spread) {
+    if a.requests == 0
+        || a.rounds == 0
+        || a.timeout.is_nan()
+        || a.timeout <= 0.0
+        || !(0.0..1.0).contains(&a.spread)
+    {
         bail!("--requests and --rounds must be >= 1, --timeout > 0, --spread in [0, 1)");
     }
     let load = |c: usize, model: &str, vocab: usize| LoadOptions {
