@@ -179,11 +179,6 @@ impl EosRule {
     pub fn is_eos(&self, token: u32) -> bool {
         self.ids.contains(&token)
     }
-
-    /// The end-of-sequence ids (ascending).
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
 }
 
 /// The one request validator of generation, usable away from the engine (e.g. by an HTTP front end before it
@@ -480,16 +475,6 @@ impl<'m> Engine<'m> {
     /// The validator [`submit`](Self::submit) applies.
     pub fn request_check(&self) -> &RequestCheck {
         &self.check
-    }
-
-    /// The end-of-sequence rule.
-    pub fn eos(&self) -> &EosRule {
-        &self.eos
-    }
-
-    /// The model.
-    pub fn model(&self) -> &MorModel {
-        self.model.model()
     }
 
     /// Validate a request ([`RequestCheck::check`]) and queue it. `max_new_tokens` beyond the remaining context is

@@ -100,11 +100,6 @@ impl Metrics {
         });
     }
 
-    /// Sequences being decoded, as of the engine's last report.
-    pub fn running(&self) -> usize {
-        self.with(|m| m.running)
-    }
-
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         self.with(|m| {
