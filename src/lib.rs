@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod serve;
 pub mod train;
 
 pub use config::ModelConfig;

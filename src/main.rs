@@ -11,11 +11,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use cli::bench::{BenchCommand, FlopsArgs};
+use cli::chat::ChatArgs;
 use cli::data::{PrepareArgs, TokenizerArgs};
 use cli::experiment::ExperimentCommand;
 use cli::generate::GenerateArgs;
 use cli::plot::PlotArgs;
 use cli::quickstart::QuickstartArgs;
+use cli::serve::ServeArgs;
 use cli::train::{TrainArgs, UptrainArgs};
 use cli::weights::{ExportArgs, ImportArgs};
 
@@ -69,6 +71,10 @@ enum Command {
     /// Studies of many runs: `isoflop` compares vanilla, recursive and MoR at equal training FLOPs.
     #[command(subcommand)]
     Experiment(ExperimentCommand),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, streaming).
+    Serve(ServeArgs),
+    /// Chat with a model in the terminal, streaming its replies.
+    Chat(ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +110,8 @@ fn run(command: Command) -> Result<()> {
         Command::Import(a) => cli::weights::run_import(&a),
         Command::Export(a) => cli::weights::run_export(&a),
         Command::Uptrain(a) => cli::train::run_uptrain(&a),
+        Command::Serve(a) => cli::serve::run_serve(&a),
+        Command::Chat(a) => cli::chat::run_chat(&a),
         Command::Plot(a) => cli::plot::run_plot(&a).map(|table| print!("{table}")),
         Command::Flops(a) => cli::bench::run_flops(&a),
         Command::Bench(c) => cli::bench::run_bench(c),

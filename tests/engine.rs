@@ -500,6 +500,7 @@ fn engine_matches_reference_with_requests_arriving_mid_run() -> Result<()> {
                     expert_thresholds: None,
                     ignore_eos: false,
                     asynchronous,
+                    max_context: None,
                 },
             )?;
             let mut rng = StdRng::seed_from_u64(9);

@@ -405,12 +405,7 @@ fn real_smollm2_matches_candle_transformers_and_reads_english() {
     println!("greedy: The capital of France is{}", g.text);
     assert!(g.text.contains("Paris"), "{:?}", g.text);
     // Generation ends at the model's own end token (<|im_end|>, id 2 in this file), not only at id 0.
-    assert_eq!(
-        g.finish,
-        mor::engine::generate::FinishReason::Eos,
-        "{:?}",
-        g.text
-    );
+    assert_eq!(g.finish, mor::engine::Finish::Eos, "{:?}", g.text);
     assert!(!g.text.contains("<|im_end|>"), "{:?}", g.text);
 }
 

@@ -323,7 +323,7 @@ fn workload(o: &GenerateBenchOptions, b: usize) -> Vec<(usize, u64)> {
 /// Thresholds calibrated on text the model generates itself (the benchmark's own input distribution): start from
 /// random tokens, then twice generate 32 sequences of the mean length with the current thresholds and recalibrate
 /// on them.
-fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<Vec<f64>> {
+pub fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<Vec<f64>> {
     let cm = CachedModel::new(model)?;
     let len = (o.mean_len.round() as usize).clamp(8, o.context - 1);
     let mut rng = StdRng::seed_from_u64(17);
@@ -345,6 +345,7 @@ fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<V
                 expert_thresholds: Some(thr.clone()),
                 ignore_eos: true,
                 asynchronous: false,
+                max_context: None,
             },
         )?;
         for i in 0..32u64 {
@@ -455,6 +456,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
                 expert_thresholds: thr.clone(),
                 ignore_eos: true,
                 asynchronous,
+                max_context: None,
             },
         )?;
         for (len, seed) in workload(o, wl) {

@@ -8,10 +8,12 @@
 //! - [`machine`]: GEMM GFLOP/s and read bandwidth (`mor bench machine`).
 //! - [`model`]: prefill / decode tokens/s and peak memory of one model, as llama.cpp's llama-bench measures them
 //!   (`mor bench model`).
+//! - [`serve`]: a load generator for `mor serve` or any OpenAI-compatible server (`mor bench serve`).
 
 pub mod generate;
 pub mod machine;
 pub mod model;
+pub mod serve;
 pub mod train;
 
 /// The 1-, 5- and 15-minute load averages (Linux), for the record of how busy the machine was.

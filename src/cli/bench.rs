@@ -25,6 +25,9 @@ pub struct FlopsArgs {
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Load an OpenAI-compatible server on loopback (mor serve in process, or --url): aggregate tokens/s, time to
+    /// first token and inter-token latency p50 / p99 at each client count.
+    Serve(super::serve::ServeBenchArgs),
     /// Measured f32 GEMM GFLOP/s at the engine's shapes and memory read GB/s of this machine.
     Machine {
         /// Model width (GEMM shapes of one layer of this width and of the LM head).
@@ -243,6 +246,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
                 println!("{report}");
             }
         }
+        BenchCommand::Serve(a) => super::serve::run_bench_serve(&a)?,
         BenchCommand::Train(a) => {
             println!(
                 "{}",

@@ -87,6 +87,7 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
         seed: s.seed,
         max_new_tokens: s.max_tokens,
         stop: s.stop.clone(),
+        ignore_eos: false,
     };
     let emit = &mut |piece: &str| {
         use std::io::Write;
@@ -98,7 +99,7 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
         None => None,
     };
     let start = std::time::Instant::now();
-    let out = match &cached {
+    let out = match cached {
         Some(c) => mor::engine::generate::generate_cached(c, tokenizer, &a.prompt, &params, emit)?,
         None => mor::engine::generate::generate(model, tokenizer, &a.prompt, &params, emit)?,
     };

@@ -2,12 +2,14 @@
 //! checkpoints and parsing enum-valued flags.
 
 pub mod bench;
+pub mod chat;
 pub mod data;
 pub mod eval;
 pub mod experiment;
 pub mod generate;
 pub mod plot;
 pub mod quickstart;
+pub mod serve;
 pub mod train;
 pub mod weights;
 

@@ -23,7 +23,10 @@ pub mod quant;
 pub mod sampling;
 pub mod step;
 
-pub use batch::{Engine, EngineOptions, EngineStats, Finish, Finished, RequestId};
+pub use batch::{
+    Checked, Engine, EngineOptions, EngineStats, EosRule, Finish, Finished, Progress, RequestCheck,
+    RequestId,
+};
 pub use cache::{LayerKv, SeqKv};
 pub use kernels::{num_threads, pin_thread_count, set_thread_count};
 pub use pipeline::{Flight, PipelineOutput};

@@ -41,6 +41,9 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// Stop sequences, matched on the decoded text; the matched sequence is not part of the output.
     pub stop: Vec<String>,
+    /// Keep generating after an end-of-sequence token until `max_new_tokens` (fixed generation lengths, e.g. for
+    /// load tests).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -54,6 +57,7 @@ impl Default for SamplingParams {
             seed: 0,
             max_new_tokens: 128,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

@@ -129,6 +129,14 @@ impl GgufFile {
         &self.content.metadata
     }
 
+    /// The chat template (`tokenizer.chat_template`, Jinja), if the file has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        match self.content.metadata.get("tokenizer.chat_template") {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// Tensor names in the file, sorted.
     pub fn tensor_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
