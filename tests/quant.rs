@@ -362,8 +362,9 @@ fn real_smollm2_f32_greedy_generations_equal_llama_cpp() {
             max_new_tokens: case["max_tokens"].as_u64().unwrap() as usize,
             ..Default::default()
         };
-        let g = mor::engine::generate::generate_cached(&cm, &tok, prompt, &params, &mut |_| {})
-            .unwrap();
+        let g =
+            mor::engine::generate::generate_cached(cm.clone(), &tok, prompt, &params, &mut |_| {})
+                .unwrap();
         assert_eq!(
             g.text,
             case["completion"].as_str().unwrap(),

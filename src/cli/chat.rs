@@ -30,10 +30,9 @@ pub fn run_chat(a: &ChatArgs) -> Result<()> {
         .chat_template
         .as_ref()
         .context("this model has no chat template (none in its GGUF metadata or a tokenizer_config.json beside it); use `mor generate`")?;
-    let cached = CachedModel::new(&served.model)?;
     let cached = match served.quantized {
-        Some(w) => cached.with_quantized(w)?,
-        None => cached,
+        Some(w) => CachedModel::quantized(&served.model, w)?,
+        None => CachedModel::new(&served.model)?,
     };
     let opts = EngineOptions {
         max_batch: 1,

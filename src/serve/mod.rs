@@ -32,7 +32,7 @@ pub struct ServedModel {
     pub model: MorModel,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
-    /// GGUF quantized weights to run the matmuls on ([`crate::engine::CachedModel::with_quantized`]).
+    /// GGUF quantized weights to run the matmuls on ([`crate::engine::CachedModel::quantized`]).
     pub quantized: Option<QuantizedWeights>,
     /// Its chat template; without one `/v1/chat/completions` answers with an error.
     pub chat_template: Option<ChatTemplate>,

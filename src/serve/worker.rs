@@ -60,10 +60,10 @@ pub(crate) fn run(
     jobs: Receiver<Job>,
     ready: tokio::sync::oneshot::Sender<Result<RequestCheck>>,
 ) {
-    let built = CachedModel::new(&model).and_then(|c| match quantized {
-        Some(w) => c.with_quantized(w),
-        None => Ok(c),
-    });
+    let built = match quantized {
+        Some(w) => CachedModel::quantized(&model, w),
+        None => CachedModel::new(&model),
+    };
     let engine = built.and_then(|c| Engine::with_cached(c, Some(&tokenizer), opts));
     let mut engine = match engine {
         Ok(e) => {

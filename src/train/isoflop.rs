@@ -660,6 +660,7 @@ impl Study {
                     expert_thresholds: None,
                     ignore_eos: true,
                     asynchronous: false,
+                    max_context: None,
                 },
             )?;
             for i in 0..o.requests {
