@@ -199,16 +199,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             if let Some(n) = threads {
                 super::generate::apply_threads(n)?;
             }
-            let batches = batch
-                .split(',')
-                .map(|x| {
-                    x.trim()
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&n| n >= 1)
-                        .with_context(|| format!("--batch: {x:?} is not a positive integer"))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let batches = positive_list("batch", &batch)?;
             let opts = mor::io::load::LoadOptions {
                 quantized,
                 ..Default::default()
@@ -259,16 +250,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             vocab,
             rows,
         } => {
-            let rows = rows
-                .split(',')
-                .map(|x| {
-                    x.trim()
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&n| n >= 1)
-                        .with_context(|| format!("--rows: {x:?} is not a positive integer"))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let rows = positive_list("rows", &rows)?;
             if hidden_size == 0 || heads == 0 || hidden_size % heads != 0 || vocab == 0 {
                 anyhow::bail!(
                     "--hidden-size must be a positive multiple of --heads, --vocab positive"
@@ -359,4 +341,17 @@ fn train_bench_options(a: &TrainBenchArgs) -> Result<mor::bench::train::TrainBen
         anyhow::bail!("--batch, --steps, --rounds must be positive, --seq-len at least 2, --variants non-empty");
     }
     Ok(o)
+}
+
+/// A comma-separated list of positive integers given to `--flag`.
+fn positive_list(flag: &str, s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .with_context(|| format!("--{flag}: {x:?} is not a positive integer"))
+        })
+        .collect()
 }

@@ -39,17 +39,7 @@ pub fn run_chat(a: &ChatArgs) -> Result<()> {
         ..Default::default()
     };
     let mut engine = Engine::with_cached(cached, Some(&served.tokenizer), opts)?;
-    let s = &a.sampling;
-    let params = mor::engine::sampling::SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        repetition_penalty: s.repetition_penalty,
-        seed: s.seed,
-        max_new_tokens: s.max_tokens,
-        stop: s.stop.clone(),
-        ignore_eos: false,
-    };
+    let params = a.sampling.params();
     let opening: Vec<Message> = a
         .system
         .iter()

@@ -54,6 +54,22 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
 }
 
+impl SamplingArgs {
+    /// The engine's sampling parameters for these flags.
+    pub fn params(&self) -> mor::engine::sampling::SamplingParams {
+        mor::engine::sampling::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_new_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: false,
+        }
+    }
+}
+
 /// Set the engine's thread count from a `--threads` flag.
 pub fn apply_threads(n: usize) -> Result<()> {
     if n == 0 {
@@ -78,17 +94,7 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
     let mut loaded = load(&a.checkpoint, &opts)?;
     let quantized = loaded.quantized.take();
     let (model, tokenizer) = (&loaded.model, loaded.tokenizer()?);
-    let s = &a.sampling;
-    let params = mor::engine::sampling::SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        repetition_penalty: s.repetition_penalty,
-        seed: s.seed,
-        max_new_tokens: s.max_tokens,
-        stop: s.stop.clone(),
-        ignore_eos: false,
-    };
+    let params = a.sampling.params();
     let emit = &mut |piece: &str| {
         use std::io::Write;
         print!("{piece}");
