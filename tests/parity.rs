@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+mod common;
+use common::max_abs_diff;
+
 fn fixture(name: &str) -> PathBuf {
     let root = std::env::var("MOR_FIXTURES")
         .map(PathBuf::from)
@@ -134,15 +137,7 @@ fn official_export_round_trips_every_fixture() {
         b.sort();
         assert_eq!(a, b, "{name}: tensor names");
         for (k, t) in &theirs {
-            let d = (t - &ours[k])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}: {k}");
+            assert_eq!(max_abs_diff(t, &ours[k]), 0.0, "{name}: {k}");
         }
         let back = mor::io::load::load(out.path(), &Default::default())
             .unwrap()
@@ -159,16 +154,8 @@ fn official_export_round_trips_every_fixture() {
             model.forward(&ids, &opts).unwrap().logits,
             back.forward(&ids, &opts).unwrap().logits,
         );
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
         assert_eq!(
-            d.to_scalar::<f32>().unwrap(),
+            max_abs_diff(&x, &y),
             0.0,
             "{name}: logits after the round trip"
         );
