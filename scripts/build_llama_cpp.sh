@@ -30,13 +30,23 @@ if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     echo "llama-cpp-python==$VERSION" > "$PEER/VERSION"
 fi
 
+# cmake from PyPI (pinned) into the peer folder when the machine has none.
+CMAKE="$(command -v cmake || true)"
+if [[ -z "$CMAKE" ]]; then
+    if [[ ! -x "$PEER/venv/bin/cmake" ]]; then
+        python3 -m venv "$PEER/venv"
+        "$PEER/venv/bin/pip" install --quiet "cmake==3.31.6"
+    fi
+    CMAKE="$PEER/venv/bin/cmake"
+fi
+
 TOOLS=(llama-bench llama-batched-bench llama-server llama-quantize llama-simple)
 missing=0
 for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || missing=1; done
 if [[ $missing == 1 ]]; then
-    cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    "$CMAKE" -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF > "$PEER/cmake.log"
-    cmake --build "$BUILD" -j "$JOBS" --target "${TOOLS[@]}" > "$PEER/build.log"
+    "$CMAKE" --build "$BUILD" -j "$JOBS" --target "${TOOLS[@]}" > "$PEER/build.log"
 fi
 echo "llama.cpp ($(cat "$PEER/VERSION")) tools in ${BIN#"$ROOT"/}"
 
