@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "assets/peers/llama.cpp/build/bin")
 MOR = os.path.join(ROOT, "target/release/mor")
-FILES = {f: os.path.join(ROOT, f"assets/SmolLM2-135M-Instruct.{f}.gguf") for f in ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K"]}
+FILES = {f: os.path.join(ROOT, f"assets/SmolLM2-135M-Instruct.{f}.gguf") for f in ["F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K"]}
 
 
 def load():
@@ -78,7 +78,9 @@ def llama_batched(path, threads, pp, tg, b):
 def mor_bench(path, fmt, threads, pp, tg, b, from_prompt):
     cmd = [MOR, "bench", "model", "--model", path, "--threads", str(threads), "--prompt-len", str(pp),
            "--gen-len", str(tg), "--batch", str(b), "--reps", "1", "--json"]
-    if fmt != "F32":
+    if fmt == "BF16":
+        cmd += ["--dtype", "bf16"]  # mor reads the file's bf16 values and keeps them bf16 for the engine
+    elif fmt != "F32":
         cmd.append("--quantized")
     if from_prompt:
         cmd.append("--decode-from-prompt")
@@ -96,7 +98,7 @@ def main():
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16, help="batch size of the batched comparison (0: skip)")
     ap.add_argument("--batched-prompt-len", type=int, default=128)
-    ap.add_argument("--formats", default="F32,Q8_0,Q4_0,Q4_1,Q4_K")
+    ap.add_argument("--formats", default="F32,BF16,Q8_0,Q4_0,Q4_1,Q4_K")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs/bench_vs_llama_cpp.jsonl"))
     a = ap.parse_args()
     fmts = [f for f in a.formats.split(",") if os.path.exists(FILES[f])]

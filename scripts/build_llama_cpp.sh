@@ -54,7 +54,7 @@ if [[ ! -f "$Q41" ]]; then
     echo "assets/$(basename "$Q41") missing: run scripts/fetch_assets.sh first" >&2
     exit 1
 fi
-for fmt in F32 Q8_0 Q4_0 Q4_K; do
+for fmt in F32 BF16 Q8_0 Q4_0 Q4_K; do
     out="$ROOT/assets/SmolLM2-135M-Instruct.$fmt.gguf"
     [[ -f "$out" ]] && continue
     # --allow-requantize: the source is already quantized (Q4_1); the F32 file is its exact dequantization.

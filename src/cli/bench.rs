@@ -52,6 +52,9 @@ pub enum BenchCommand {
         /// Run on the stored quantized weights (GGUF only; an error names any tensor the kernels cannot run).
         #[arg(long)]
         quantized: bool,
+        /// Convert the weights to this dtype after loading (bf16: half the memory traffic per token).
+        #[arg(long, value_enum)]
+        dtype: Option<super::WeightDtype>,
         /// Engine threads (default: the cores available).
         #[arg(long)]
         threads: Option<usize>,
@@ -188,6 +191,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
         BenchCommand::Model {
             model,
             quantized,
+            dtype,
             threads,
             prompt_len,
             gen_len,
@@ -202,6 +206,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             let batches = positive_list("batch", &batch)?;
             let opts = mor::io::load::LoadOptions {
                 quantized,
+                dtype: dtype.map(super::WeightDtype::dtype),
                 ..Default::default()
             };
             let mut loaded = mor::io::load::load(&model, &opts)?;
@@ -209,7 +214,7 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             let m = &loaded.model;
             let precision = match &weights {
                 Some(w) => format!("{} (quantized kernels)", w.formats()),
-                None => "f32".to_string(),
+                None => format!("{:?}", m.params().dtype()).to_lowercase(),
             };
             let cm = match weights {
                 Some(w) => mor::engine::CachedModel::quantized(m, w)?,

@@ -36,6 +36,25 @@ pub fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, s: &str) -> Result
         .map_err(|_| anyhow::anyhow!("--{flag} {s:?} is not a valid value"))
 }
 
+/// The dtype of a model's dense weights for inference (`--dtype`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum WeightDtype {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16: half the bytes per weight, read as f32 in registers.
+    Bf16,
+}
+
+impl WeightDtype {
+    /// The candle dtype.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            WeightDtype::F32 => candle_core::DType::F32,
+            WeightDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// A model to train from (`--init-from`, `uptrain --from`): trainable weights, any path [`mor::io::load`] takes.
 pub fn load_trainable(path: &Path) -> Result<MorModel> {
     let opts = LoadOptions {

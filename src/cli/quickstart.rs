@@ -107,6 +107,7 @@ pub fn run_quickstart(a: &QuickstartArgs) -> Result<()> {
     run_generate(&GenerateArgs {
         checkpoint: summary.checkpoint.clone(),
         quantized: false,
+        dtype: None,
         threads: None,
         tokenizer: Some(tok_path),
         prompt: a.prompt.clone(),

@@ -19,6 +19,9 @@ pub struct ModelArgs {
     /// With a .gguf file: run the matmuls on its stored quantized weights instead of dequantized f32.
     #[arg(long)]
     pub quantized: bool,
+    /// Convert the weights to this dtype after loading (bf16: half the memory traffic per token).
+    #[arg(long, value_enum)]
+    pub dtype: Option<super::WeightDtype>,
     /// tokenizer.json (default: the checkpoint's own, or the GGUF's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -89,6 +92,7 @@ pub fn load_served(a: &ModelArgs) -> Result<ServedModel> {
         &LoadOptions {
             tokenizer: a.tokenizer.clone(),
             quantized: a.quantized,
+            dtype: a.dtype.map(super::WeightDtype::dtype),
             ..Default::default()
         },
     )?;
@@ -327,6 +331,7 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
         let args = ModelArgs {
             model: path.clone(),
             quantized: a.quantized,
+            dtype: None,
             tokenizer: None,
         };
         let label = default_model_name(&args);

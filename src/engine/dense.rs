@@ -1,69 +1,129 @@
-//! Dense f32 matmuls of a few rows (decode steps): `y = x · Wᵀ` with W [out, in] row-major as stored, on the
-//! engine's [`pool`](crate::engine::pool). At batch 1 a matmul reads every weight once, so its speed is the memory
-//! bandwidth: each chunk streams its weight rows once, four at a time, and reuses each loaded activation vector for
-//! four rows (FMA on 256-bit vectors when the CPU has AVX2, portable code elsewhere). Larger batches are GEMMs
-//! and go to candle.
+//! Dense matmuls of a few rows (decode steps): `y = x · Wᵀ` with W [out, in] row-major as stored (f32 or bf16), on
+//! the engine's [`pool`](crate::engine::pool). At batch 1 a matmul reads every weight once, so its speed is the
+//! memory bandwidth: each chunk streams its weight rows once, four at a time, and reuses each loaded activation
+//! vector for four rows. bf16 weights halve the bytes read; they are widened to f32 in registers (exact), so the
+//! activations and accumulation stay f32. FMA on 512-bit vectors with AVX-512, 256-bit with AVX2, portable code
+//! elsewhere, chosen at run time. Larger batches are GEMMs and go to candle.
+
+use half::bf16;
 
 use crate::engine::pool;
 
-/// Batches up to this many rows use [`matmul_rows`]; more go to candle's GEMM (measured crossover; see
-/// docs/benchmarks.md).
-pub const MAX_ROWS: usize = 8;
+/// Batches up to this many rows of f32 weights use [`matmul_rows`]; more go to candle's GEMM (at 16 rows these
+/// kernels decoded SmolLM2 twice as fast as candle's GEMM; docs/benchmarks.md).
+pub const MAX_ROWS: usize = 32;
+/// The same for bf16 weights, which candle's f32 GEMM could use only after widening the whole matrix (a pass over
+/// it per call, about 1/n of the GEMM's time for n rows).
+pub const MAX_ROWS_BF16: usize = 64;
 
-struct SyncPtr(*mut f32);
-// SAFETY: used only for disjoint writes from the pool's chunks (see `matmul_rows`).
+/// Four dot products of weight rows with one f32 vector.
+type Dot4<T> = fn([&[T]; 4], &[f32]) -> [f32; 4];
+
+/// A weight element type with its best [`Dot4`] kernel for this CPU.
+pub trait Elem: Copy + Sync + 'static {
+    /// The kernel for the CPU this runs on (detected at run time).
+    fn dot4() -> Dot4<Self>;
+}
+
+impl Elem for f32 {
+    fn dot4() -> Dot4<f32> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F was detected; rows and x hold x.len() values (the wrapper's contract).
+                return |r, x| unsafe { x86::dot4_f32_avx512(r, x) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: AVX2 and FMA were detected; rows and x hold x.len() values.
+                return |r, x| unsafe { x86::dot4_f32_avx2(r, x) };
+            }
+        }
+        |r, x| dot4_portable(r, x, |w| w)
+    }
+}
+
+impl Elem for bf16 {
+    fn dot4() -> Dot4<bf16> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F was detected; rows and x hold x.len() values.
+                return |r, x| unsafe { x86::dot4_bf16_avx512(r, x) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: AVX2 and FMA were detected; rows and x hold x.len() values.
+                return |r, x| unsafe { x86::dot4_bf16_avx2(r, x) };
+            }
+        }
+        |r, x| dot4_portable(r, x, bf16::to_f32)
+    }
+}
+
+/// An output pointer shared by the pool's chunks.
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: used only for disjoint writes from the pool's chunks (see `matmul_rows` and `kernels::attend_block`).
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
     /// The pointer (a method, so closures capture the Sync wrapper rather than the raw field).
-    fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut f32 {
         self.0
     }
 }
 
-/// `x · Wᵀ` for x [n, k] and W [m, k] (both row-major): returns [n, m].
-pub fn matmul_rows(w: &[f32], m: usize, x: &[f32], n: usize) -> Vec<f32> {
+/// `x · Wᵀ` for x [n, k] and W = the row blocks `blocks` stacked along the output dimension (each [m_i, k],
+/// row-major): returns [n, Σ m_i]. Stacking without copying lets fused projections (q/k/v, gate/up) read the
+/// model's own tensors.
+pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
     let k = x.len() / n.max(1);
-    assert_eq!(w.len(), m * k, "weight shape");
+    let rows: Vec<usize> = blocks.iter().map(|b| b.len() / k.max(1)).collect();
+    assert!(
+        blocks.iter().zip(&rows).all(|(b, &m)| b.len() == m * k),
+        "weight shape"
+    );
+    let m: usize = rows.iter().sum();
     let mut y = crate::alloc::filled_vec(n * m);
     let out = SyncPtr(y.as_mut_ptr());
-    // Chunks of whole 4-row groups, ~4 per thread so a descheduled worker delays only a quarter of its share.
+    // Chunks of whole 4-row groups inside one block, ~4 per thread so a descheduled worker delays only a quarter of
+    // its share: (block, first row, end row, first output column).
     let per = (m / (4 * pool::threads())).max(16).next_multiple_of(4);
-    let chunks = m.div_ceil(per);
-    #[cfg(target_arch = "x86_64")]
-    let simd =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    let mut chunks = Vec::new();
+    let mut col = 0;
+    for (b, &mb) in rows.iter().enumerate() {
+        for r0 in (0..mb).step_by(per) {
+            chunks.push((b, r0, (r0 + per).min(mb), col + r0));
+        }
+        col += mb;
+    }
+    let dot4 = T::dot4();
     let job = |c: usize| {
-        let (r0, r1) = (c * per, ((c + 1) * per).min(m));
+        let (b, r0, r1, c0) = chunks[c];
+        let w = blocks[b];
         let mut r = r0;
         while r < r1 {
             let g = (r1 - r).min(4);
-            let rows: [&[f32]; 4] = std::array::from_fn(|i| &w[(r + i.min(g - 1)) * k..][..k]);
+            let rows: [&[T]; 4] = std::array::from_fn(|i| &w[(r + i.min(g - 1)) * k..][..k]);
             for a in 0..n {
-                let xa = &x[a * k..(a + 1) * k];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 and FMA were detected; rows and xa hold k values each.
-                let v = if simd {
-                    unsafe { dot4_avx2(rows, xa) }
-                } else {
-                    dot4(rows, xa)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let v = dot4(rows, xa);
+                let v = dot4(rows, &x[a * k..(a + 1) * k]);
                 for (i, &vi) in v.iter().take(g).enumerate() {
-                    // SAFETY: (a, r + i) lies inside y [n, m]; chunks own disjoint rows r, and y outlives the job.
-                    unsafe { *out.get().add(a * m + r + i) = vi };
+                    // SAFETY: (a, c0 + r − r0 + i) lies inside y [n, m]; chunks own disjoint output columns, and y
+                    // outlives the job.
+                    unsafe { *out.get().add(a * m + c0 + (r - r0) + i) = vi };
                 }
             }
             r += g;
         }
     };
-    pool::run(chunks, &job);
+    pool::run(chunks.len(), &job);
     y
 }
 
-/// Four dot products with one vector, portable (8 lanes so the compiler can vectorise).
-fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+/// [`Dot4`] in portable code (8 lanes so the compiler can vectorise), widening each weight with `f`.
+fn dot4_portable<T: Copy>(rows: [&[T]; 4], x: &[f32], f: impl Fn(T) -> f32) -> [f32; 4] {
     let mut out = [0f32; 4];
     for (o, w) in out.iter_mut().zip(rows) {
         let mut acc = [0f32; 8];
@@ -72,11 +132,11 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
             .remainder()
             .iter()
             .zip(cx.remainder())
-            .map(|(a, b)| a * b)
+            .map(|(&a, b)| f(a) * b)
             .sum();
         for (a, b) in cw.zip(cx) {
             for l in 0..8 {
-                acc[l] += a[l] * b[l];
+                acc[l] += f(a[l]) * b[l];
             }
         }
         *o = acc.iter().sum::<f32>() + tail;
@@ -84,62 +144,181 @@ fn dot4(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     out
 }
 
-/// [`dot4`] with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; every row holds `x.len()` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+mod x86 {
+    //! The [`Dot4`](super::Dot4) kernels on x86-64 vectors. Each keeps one accumulator per row, loads the
+    //! activation vector once for the four rows, and finishes the tail (k not a multiple of the width) in scalar.
+
+    use half::bf16;
     use std::arch::x86_64::*;
-    let k = x.len();
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 8 <= k {
-        // SAFETY (caller): i + 8 ≤ k values in x and in every row.
-        unsafe {
-            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-            for r in 0..4 {
-                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].as_ptr().add(i)), xv, acc[r]);
-            }
-        }
-        i += 8;
+
+    /// The scalar tail of row `w` against `x` from index `i`.
+    fn tail<T: Copy>(w: &[T], x: &[f32], i: usize, f: impl Fn(T) -> f32) -> f32 {
+        w[i..].iter().zip(&x[i..]).map(|(&a, b)| f(a) * b).sum()
     }
-    let mut out = [0f32; 4];
-    for r in 0..4 {
-        let v = acc[r];
+
+    /// # Safety
+    /// The CPU has AVX-512F; every row holds `x.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot4_f32_avx512(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let k = x.len();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= k {
+            // SAFETY (caller): i + 16 ≤ k values in x and in every row.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for r in 0..4 {
+                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r].as_ptr().add(i)), xv, acc[r]);
+                }
+            }
+            i += 16;
+        }
+        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + tail(rows[r], x, i, |w| w))
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; every row holds `x.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot4_bf16_avx512(rows: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+        let k = x.len();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= k {
+            // SAFETY (caller): i + 16 ≤ k values in x and in every row; bf16 is a u16 whose bits, shifted up by
+            // 16, are the f32 of the same value.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for r in 0..4 {
+                    let h = _mm256_loadu_si256(rows[r].as_ptr().add(i).cast());
+                    let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                    acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
+                }
+            }
+            i += 16;
+        }
+        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + tail(rows[r], x, i, bf16::to_f32))
+    }
+
+    /// Horizontal sum of 8 lanes.
+    #[target_feature(enable = "avx2")]
+    fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-            + rows[r][i..]
-                .iter()
-                .zip(&x[i..])
-                .map(|(a, b)| a * b)
-                .sum::<f32>();
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
-    out
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every row holds `x.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4_f32_avx2(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let k = x.len();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= k {
+            // SAFETY (caller): i + 8 ≤ k values in x and in every row.
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for r in 0..4 {
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].as_ptr().add(i)), xv, acc[r]);
+                }
+            }
+            i += 8;
+        }
+        std::array::from_fn(|r| hsum256(acc[r]) + tail(rows[r], x, i, |w| w))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every row holds `x.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4_bf16_avx2(rows: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+        let k = x.len();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= k {
+            // SAFETY (caller): i + 8 ≤ k values in x and in every row; see `dot4_bf16_avx512` for the widening.
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for r in 0..4 {
+                    let h = _mm_loadu_si128(rows[r].as_ptr().add(i).cast());
+                    let w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                    acc[r] = _mm256_fmadd_ps(w, xv, acc[r]);
+                }
+            }
+            i += 8;
+        }
+        std::array::from_fn(|r| hsum256(acc[r]) + tail(rows[r], x, i, bf16::to_f32))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Every kernel this CPU can run, for f32 and bf16 weights, against an f64 product of the same (widened)
+    /// weights, with W whole and split into two stacked blocks.
     #[test]
     fn matches_a_naive_product() {
-        for (m, k, n) in [(1, 3, 1), (37, 70, 3), (130, 576, 8)] {
+        for (m, k, n) in [
+            (1usize, 3usize, 1usize),
+            (37, 70, 3),
+            (130, 576, 8),
+            (8, 17, 2),
+        ] {
             let w: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
                 .collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let x: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
                 .collect();
-            let y = matmul_rows(&w, m, &x, n);
-            for a in 0..n {
-                for j in 0..m {
-                    let want: f64 = (0..k)
-                        .map(|t| f64::from(x[a * k + t]) * f64::from(w[j * k + t]))
-                        .sum();
-                    assert!((f64::from(y[a * m + j]) - want).abs() < 1e-3, "{m} {k} {n}");
+            let split = (m / 2).next_multiple_of(4).min(m);
+            let check = |y: Vec<f32>, wf: &dyn Fn(usize) -> f64| {
+                for a in 0..n {
+                    for j in 0..m {
+                        let want: f64 = (0..k)
+                            .map(|t| f64::from(x[a * k + t]) * wf(j * k + t))
+                            .sum();
+                        assert!((f64::from(y[a * m + j]) - want).abs() < 1e-3, "{m} {k} {n}");
+                    }
+                }
+            };
+            let y = matmul_rows(&[&w[..]], &x, n);
+            let (top, bottom) = w.split_at(split * k);
+            assert_eq!(matmul_rows(&[top, bottom], &x, n), y);
+            check(y, &|i| f64::from(w[i]));
+            let y = matmul_rows(&[&wb[..]], &x, n);
+            let (top, bottom) = wb.split_at(split * k);
+            assert_eq!(matmul_rows(&[top, bottom], &x, n), y);
+            check(y, &|i| f64::from(wb[i].to_f32()));
+            // The portable kernels give the same products.
+            let rows: [&[f32]; 4] = std::array::from_fn(|i| &w[(i % m) * k..][..k]);
+            let rows_b: [&[bf16]; 4] = std::array::from_fn(|i| &wb[(i % m) * k..][..k]);
+            let (fast, slow) = (
+                f32::dot4()(rows, &x[..k]),
+                dot4_portable(rows, &x[..k], |v| v),
+            );
+            let (fast_b, slow_b) = (
+                bf16::dot4()(rows_b, &x[..k]),
+                dot4_portable(rows_b, &x[..k], bf16::to_f32),
+            );
+            for i in 0..4 {
+                assert!((fast[i] - slow[i]).abs() < 1e-3 && (fast_b[i] - slow_b[i]).abs() < 1e-3);
+            }
+            // The AVX2 kernels too where the CPU would pick AVX-512.
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: AVX2 and FMA were detected; every row holds k values, as x[..k] does.
+                let (v, v_b) = unsafe {
+                    (
+                        x86::dot4_f32_avx2(rows, &x[..k]),
+                        x86::dot4_bf16_avx2(rows_b, &x[..k]),
+                    )
+                };
+                for i in 0..4 {
+                    assert!((v[i] - slow[i]).abs() < 1e-3 && (v_b[i] - slow_b[i]).abs() < 1e-3);
                 }
             }
         }

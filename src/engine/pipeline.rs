@@ -107,10 +107,7 @@ impl<'m> CachedModel<'m> {
         let cfg = self.model().config();
         let (d, n_r) = (cfg.hidden_size, layout.num_recursion);
         let dev = self.model().device();
-        let dtype = self
-            .model()
-            .embed(&Tensor::zeros((1, 1), DType::U32, dev)?)?
-            .dtype();
+        let dtype = self.dtype;
         let max_pos = self.model().rope().max_positions();
 
         // 1. Entering tokens: embedding and prefix layers, batched.
@@ -138,11 +135,7 @@ impl<'m> CachedModel<'m> {
                 ids.push(f.token);
             }
             let n = ids.len();
-            let x = self
-                .model()
-                .embed(&Tensor::from_vec(ids, (1, n), dev)?)?
-                .reshape((n, d))?;
-            let mut xv = to_f32_vec(&x)?;
+            let mut xv = to_f32_vec(&self.embed(ids)?)?;
             for l in 0..layout.prefix {
                 xv = self.layer_rows(l, &xv, &flight_rows(flights, &entering, l), caches)?;
             }

@@ -118,16 +118,25 @@ impl<'m> CachedModel<'m> {
             if let std::collections::hash_map::Entry::Vacant(e) = by_source.entry(src) {
                 let [q, k, v, o] = layer.attn.weights();
                 let [g, u, dn] = layer.mlp().weights();
-                // [out, in] as stored (no copy for weights that are already f32 and contiguous).
-                let prep =
-                    |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+                // [out, in] as stored, stacked without a copy (none at all for weights already f32 or bf16 and
+                // contiguous; other dtypes run in f32).
+                let dense = |ts: &[&Tensor]| -> Result<Weight> {
+                    let blocks = ts
+                        .iter()
+                        .map(|t| match t.dtype() {
+                            DType::BF16 => t.contiguous(),
+                            _ => t.to_dtype(DType::F32)?.contiguous(),
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Ok(Weight::Dense(blocks))
+                };
                 let (n_in, n_post) = layer.norms();
                 let f = FusedLayer {
-                    qkv: Weight::Dense(prep(Tensor::cat(&[q, k, v], 0)?)?),
-                    q: Weight::Dense(prep(q.clone())?),
-                    o: Weight::Dense(prep(o.clone())?),
-                    gate_up: Weight::Dense(prep(Tensor::cat(&[g, u], 0)?)?),
-                    down: Weight::Dense(prep(dn.clone())?),
+                    qkv: dense(&[q, k, v])?,
+                    q: dense(&[q])?,
+                    o: dense(&[o])?,
+                    gate_up: dense(&[g, u])?,
+                    down: dense(&[dn])?,
                     norm_in: to_f32_vec(n_in.parts().0)?,
                     norm_post: to_f32_vec(n_post.parts().0)?,
                 };
@@ -267,12 +276,26 @@ impl<'m> CachedModel<'m> {
                     x.device(),
                 )?)
             }
-            None => self.model.head(x),
+            None => {
+                let w = self.model.head_weight();
+                if !matches!(w.dtype(), DType::F32 | DType::BF16) {
+                    return self.model.head(x);
+                }
+                // Through the engine's matmul: its row kernels at decode sizes, on the model's own table.
+                let (n, v) = (x.dim(0)?, w.dim(0)?);
+                let h = to_f32_vec(&self.model.final_norm(x)?)?;
+                let w = Weight::Dense(vec![w.contiguous()?]);
+                Ok(Tensor::from_vec(
+                    matmul_rows(h, n, &w)?,
+                    (n, v),
+                    x.device(),
+                )?)
+            }
         }
     }
 
     /// Embedding rows [n, d] of the token ids (on the quantized table when there is one).
-    fn embed(&self, ids: Vec<u32>) -> Result<Tensor> {
+    pub(super) fn embed(&self, ids: Vec<u32>) -> Result<Tensor> {
         let dev = self.model.device();
         let n = ids.len();
         match &self.quantized_tables {

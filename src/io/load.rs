@@ -32,6 +32,9 @@ pub struct LoadOptions {
     /// model is then only a frame for [`CachedModel::quantized`](crate::engine::CachedModel::quantized), its dense
     /// matmul weights placeholders ([`GgufFile::quantized_model`]).
     pub quantized: bool,
+    /// Convert the weights to this dtype after loading (bf16 halves the bytes each decode step reads; the engine
+    /// runs bf16 weights with f32 activations). Not with `quantized`.
+    pub dtype: Option<candle_core::DType>,
 }
 
 /// A loaded model with its tokenizer.
@@ -131,11 +134,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         Some(p) => Some(Tokenizer::from_file(p)?),
         None => own_tokenizer,
     };
-    let model = if opts.trainable {
+    let mut model = if opts.trainable {
         model
     } else {
         model.frozen()?
     };
+    if let Some(dtype) = opts.dtype {
+        if quantized.is_some() {
+            return Err(MorError::Config(
+                "--dtype converts dense weights; --quantized runs the stored blocks instead".into(),
+            ));
+        }
+        if model.params().dtype() != dtype {
+            model = model.to_dtype(dtype)?;
+        }
+    }
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -200,6 +200,12 @@ impl MorModel {
         Self::from_params(&self.cfg, self.params.frozen())
     }
 
+    /// The same model with its parameters converted to `dtype` (for example bf16 weights for inference: the
+    /// engine runs them without widening a copy). The parameters are copied, so dropping `self` frees the originals.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Self::from_params(&self.cfg, self.params.to_dtype(dtype)?)
+    }
+
     fn with_params(mut self, store: ParamStore) -> Self {
         self.params = store;
         self
@@ -321,8 +327,12 @@ impl MorModel {
 
     /// Final norm and LM head: h [.., d] → logits [.., V].
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        layers::linear(&self.final_norm(h)?, w)
+        layers::linear(&self.final_norm(h)?, self.head_weight())
+    }
+
+    /// The LM head's weight [V, d]: its own, or the token embedding when tied.
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// The final RMSNorm applied before the LM head.

@@ -64,6 +64,21 @@ impl ParamStore {
         }
     }
 
+    /// The same parameters converted to `dtype` (copies; frozen as this store is).
+    pub fn to_dtype(&self, dtype: DType) -> Result<ParamStore> {
+        if !self.placeholders.is_empty() {
+            return Err(MorError::Config(
+                "a model with placeholder weights (quantized) cannot change dtype".into(),
+            ));
+        }
+        let mut out = ParamStore::with_dtype(&self.device, 0, dtype);
+        for (name, v) in &self.vars {
+            out.insert(name, v.as_tensor())?;
+        }
+        out.frozen = self.frozen;
+        Ok(out)
+    }
+
     /// The dtype of the parameters.
     pub fn dtype(&self) -> DType {
         self.dtype

@@ -61,12 +61,12 @@ pub fn routed_model(json: &str, seed: u64, dtype: DType, bias_std: f64) -> Resul
     Ok(model)
 }
 
-/// max |a − b| over all elements, in f32.
+/// max |a − b| over all elements, in f32 (whatever the two dtypes).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("a float tensor");
+    (f32(a) - f32(b))
         .and_then(|d| d.abs())
         .and_then(|d| d.flatten_all())
-        .and_then(|d| d.to_dtype(DType::F32))
         .and_then(|d| d.max(0))
         .and_then(|d| d.to_scalar::<f32>())
         .expect("comparable tensors")

@@ -43,6 +43,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             mask.dims()
         )));
     }
+    let dtype = q.dtype();
+    let (q, k, v, mask) = (
+        &super::kernel_input(q)?,
+        &super::kernel_input(k)?,
+        &super::kernel_input(v)?,
+        &super::kernel_input(mask)?,
+    );
     let op = Attention {
         mask: mask.detach(),
         scale,
@@ -61,7 +68,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
         .map_err(|_| MorError::Config("attention: poisoned lock".into()))? =
         Some(Tensor::cat(&rows, 0)?);
     Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
+        .to_dtype(dtype)?)
 }
 
 struct Attention {

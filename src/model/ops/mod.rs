@@ -35,6 +35,16 @@ fn slice<'a, T: WithDType>(
     }
 }
 
+/// A fused op's input as its kernels take it: f32 and f64 as they are, other float dtypes (bf16 models) widened
+/// to f32, so such a model runs its norms, rotations and attention in f32 (as HF computes half-precision norms)
+/// and casts the result back with `to_dtype` of the input's dtype.
+fn kernel_input(t: &Tensor) -> candle_core::Result<Tensor> {
+    match t.dtype() {
+        DType::F32 | DType::F64 => Ok(t.clone()),
+        _ => t.to_dtype(DType::F32),
+    }
+}
+
 /// The storage of a computed tensor, for a `cpu_fwd` that returns a value computed with tensor ops.
 fn storage_of(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     let shape = t.shape().clone();

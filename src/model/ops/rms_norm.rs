@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{dispatch, slice, Float};
+use super::{dispatch, kernel_input, slice, Float};
 use crate::error::{MorError, Result};
 
 /// RMSNorm of x `[.., d]` with weight `[d]`.
@@ -19,8 +19,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             x.dims()
         )));
     }
+    let (x, w, dtype) = (kernel_input(x)?, kernel_input(w)?, x.dtype());
     Ok(x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNorm { eps })?)
+        .apply_op2(&w.contiguous()?, RmsNorm { eps })?
+        .to_dtype(dtype)?)
 }
 
 struct RmsNorm {

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{dispatch, slice, Float};
+use super::{dispatch, kernel_input, slice, Float};
 use crate::error::{MorError, Result};
 
 /// Rotate x `[B, H, n, hd]` by cos/sin `[B, 1, n, hd]` (as gathered by `crate::model::layers::Rope::at`). The
@@ -21,11 +21,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin.dims()
         )));
     }
-    Ok(x.contiguous()?.apply_op3(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        Rope { transpose: false },
-    )?)
+    let dtype = x.dtype();
+    let (x, cos, sin) = (kernel_input(x)?, kernel_input(cos)?, kernel_input(sin)?);
+    Ok(x.contiguous()?
+        .apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Rope { transpose: false },
+        )?
+        .to_dtype(dtype)?)
 }
 
 /// `transpose: false` rotates (forward); `true` applies the transposed map (the backward of the forward).

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{dispatch, slice, Float};
+use super::{dispatch, kernel_input, slice, Float};
 use crate::error::{MorError, Result};
 
 /// silu(g) ⊙ u for g and u of the same shape.
@@ -18,7 +18,10 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             u.dims()
         )));
     }
-    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?)
+    let (g, u, dtype) = (kernel_input(g)?, kernel_input(u)?, g.dtype());
+    Ok(g.contiguous()?
+        .apply_op2(&u.contiguous()?, SwiGlu)?
+        .to_dtype(dtype)?)
 }
 
 struct SwiGlu;
