@@ -2,7 +2,7 @@
 //! (paper §2.2.2, §3.3, App. E).
 //!
 //! - [`cache`]: per-sequence, per-layer K/V caches (recursion-wise caching or recursive KV sharing), in bytes.
-//! - [`kernels`]: the f32 row kernels (RMSNorm, RoPE, attention over per-sequence caches, matmuls).
+//! - [`kernels`]: the f32 row kernels (RMSNorm, RoPE, matmuls); [`attention`]: attention over per-sequence caches.
 //! - [`quant`], [`dense`]: the matmuls themselves, on quantized GGUF blocks (integer SIMD) and on few dense rows;
 //!   [`pool`]: the thread pool they run on.
 //! - [`step`]: [`CachedModel::step`], prefill and decode over many sequences at once, with the causal routing rule
@@ -12,6 +12,7 @@
 //! - [`batch`]: [`Engine`], a queue of requests with continuous (sequence- or depth-wise) batching.
 //! - [`generate`], [`sampling`]: single-prompt generation and the samplers.
 
+pub mod attention;
 pub mod batch;
 pub mod cache;
 pub mod dense;

@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use crate::engine::attention::attend;
 use crate::engine::cache::{LayerKv, SeqKv};
-use crate::engine::kernels::{attend, matmul_rows, rms_rows, rope_in_place, to_f32_vec, Weight};
+use crate::engine::kernels::{matmul_rows, rms_rows, rope_in_place, to_f32_vec, Weight};
 use crate::engine::quant::QMatrix;
 use crate::error::{MorError, Result};
 use crate::model::{routing, MorModel, Routing};
