@@ -211,6 +211,81 @@ fn write_edited(
     gguf_file::write(&mut out, &m, &t).unwrap();
 }
 
+/// Float tensors stream from the file into the requested dtype: F32, F16 and BF16 files loaded as f32 or bf16
+/// hold exactly the exported model's weights rounded to the stored type, then to the requested one.
+#[test]
+fn float_files_load_into_f32_and_bf16_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // The F32 file (its exact round trip is `export_import_round_trip_is_exact_and_matches_an_independent_llama`)
+    // and the same tensors rewritten as F16 and BF16.
+    let f32_path = dir.path().join("F32.gguf");
+    write_edited(&f32_path, |_, _| {});
+    let reference = GgufFile::open(&f32_path)
+        .unwrap()
+        .model(&Device::Cpu)
+        .unwrap();
+    for stored in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+        let p = dir.path().join(format!("{stored:?}.gguf"));
+        if stored != GgmlDType::F32 {
+            let mut f = std::fs::File::open(&f32_path).unwrap();
+            let ct = gguf_file::Content::read(&mut f).unwrap();
+            let tensors: Vec<(String, QTensor)> = ct
+                .tensor_infos
+                .keys()
+                .map(|k| {
+                    let t = ct.tensor(&mut f, k, &Device::Cpu).unwrap();
+                    let t = t.dequantize(&Device::Cpu).unwrap();
+                    (k.clone(), QTensor::quantize(&t, stored).unwrap())
+                })
+                .collect();
+            let meta: Vec<(&str, &Value)> =
+                ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &meta, &t).unwrap();
+        }
+        // Rounding to the stored type commutes with the q/k row permutation.
+        let stored_dtype = match stored {
+            GgmlDType::F16 => DType::F16,
+            GgmlDType::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let m = GgufFile::open(&p)
+                .unwrap()
+                .model_as(&Device::Cpu, dtype)
+                .unwrap();
+            assert_eq!(m.params().dtype(), dtype);
+            for (name, v) in reference.params().iter() {
+                let want = v.as_tensor().to_dtype(stored_dtype).unwrap();
+                let want = want.to_dtype(DType::F32).unwrap().to_dtype(dtype).unwrap();
+                let got = m.params().get(name).unwrap().as_tensor();
+                assert_eq!(got.dtype(), dtype, "{name}");
+                let (a, b) = (
+                    want.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    got.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+                assert_eq!(a, b, "{stored:?} as {dtype:?}: {name}");
+            }
+        }
+    }
+    // A truncated float tensor is an error, not a short read.
+    let p = dir.path().join("F32.gguf");
+    let len = std::fs::metadata(&p).unwrap().len();
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..(len - 4) as usize]).unwrap();
+    assert!(GgufFile::open(&p).is_err());
+}
+
 fn import_err(path: &Path) -> String {
     import_gguf(path, &Device::Cpu).unwrap_err().to_string()
 }

@@ -19,10 +19,25 @@ pub const MAX_ROWS_BF16: usize = 64;
 /// Four dot products of weight rows with one f32 vector.
 type Dot4<T> = fn([&[T]; 4], &[f32]) -> [f32; 4];
 
+/// Four dot products of weight rows with each of two f32 vectors: `[row · x0 for the 4 rows], [row · x1 …]`.
+/// Each loaded (and, for bf16, widened) weight vector serves two activation rows, halving the loads per FMA
+/// where the one-vector kernel is bound by them (AVX2 at batch 16: docs/benchmarks.md).
+type Dot4x2<T> = fn([&[T]; 4], &[f32], &[f32]) -> [[f32; 4]; 2];
+
 /// A weight element type with its best [`Dot4`] kernel for this CPU.
 pub trait Elem: Copy + Sync + 'static {
     /// The kernel for the CPU this runs on (detected at run time).
     fn dot4() -> Dot4<Self>;
+    /// The two-vector kernel where it is the faster choice for pairs of rows (AVX2 without AVX-512), else `None`.
+    fn dot4x2() -> Option<Dot4x2<Self>>;
+}
+
+/// Whether the CPU runs the AVX2 kernels (AVX2 and FMA, no AVX-512F).
+#[cfg(target_arch = "x86_64")]
+fn avx2_only() -> bool {
+    !std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
 }
 
 impl Elem for f32 {
@@ -42,6 +57,15 @@ impl Elem for f32 {
         }
         |r, x| dot4_portable(r, x, |w| w)
     }
+
+    fn dot4x2() -> Option<Dot4x2<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_only() {
+            // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
+            return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx2(r, x0, x1) });
+        }
+        None
+    }
 }
 
 impl Elem for bf16 {
@@ -60,6 +84,15 @@ impl Elem for bf16 {
             }
         }
         |r, x| dot4_portable(r, x, bf16::to_f32)
+    }
+
+    fn dot4x2() -> Option<Dot4x2<bf16>> {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_only() {
+            // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
+            return Some(|r, x0, x1| unsafe { x86::dot4x2_bf16_avx2(r, x0, x1) });
+        }
+        None
     }
 }
 
@@ -99,7 +132,7 @@ pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
         }
         col += mb;
     }
-    let dot4 = T::dot4();
+    let (dot4, dot4x2) = (T::dot4(), T::dot4x2());
     let job = |c: usize| {
         let (b, r0, r1, c0) = chunks[c];
         let w = blocks[b];
@@ -107,13 +140,25 @@ pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
         while r < r1 {
             let g = (r1 - r).min(4);
             let rows: [&[T]; 4] = std::array::from_fn(|i| &w[(r + i.min(g - 1)) * k..][..k]);
-            for a in 0..n {
-                let v = dot4(rows, &x[a * k..(a + 1) * k]);
+            let store = |a: usize, v: [f32; 4]| {
                 for (i, &vi) in v.iter().take(g).enumerate() {
                     // SAFETY: (a, c0 + r − r0 + i) lies inside y [n, m]; chunks own disjoint output columns, and y
                     // outlives the job.
                     unsafe { *out.get().add(a * m + c0 + (r - r0) + i) = vi };
                 }
+            };
+            let xa = |a: usize| &x[a * k..(a + 1) * k];
+            let mut a = 0;
+            if let Some(d2) = dot4x2 {
+                while a + 2 <= n {
+                    let [v0, v1] = d2(rows, xa(a), xa(a + 1));
+                    store(a, v0);
+                    store(a + 1, v1);
+                    a += 2;
+                }
+            }
+            for a in a..n {
+                store(a, dot4(rows, xa(a)));
             }
             r += g;
         }
@@ -249,6 +294,71 @@ mod x86 {
         }
         std::array::from_fn(|r| hsum256(acc[r]) + tail(rows[r], x, i, bf16::to_f32))
     }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every row and `x1` hold `x0.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4x2_f32_avx2(
+        rows: [&[f32]; 4],
+        x0: &[f32],
+        x1: &[f32],
+    ) -> [[f32; 4]; 2] {
+        let k = x0.len();
+        let (mut a0, mut a1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+        let mut i = 0;
+        while i + 8 <= k {
+            // SAFETY (caller): i + 8 ≤ k values in x0, x1 and every row.
+            unsafe {
+                let (v0, v1) = (
+                    _mm256_loadu_ps(x0.as_ptr().add(i)),
+                    _mm256_loadu_ps(x1.as_ptr().add(i)),
+                );
+                for r in 0..4 {
+                    let w = _mm256_loadu_ps(rows[r].as_ptr().add(i));
+                    a0[r] = _mm256_fmadd_ps(w, v0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(w, v1, a1[r]);
+                }
+            }
+            i += 8;
+        }
+        [
+            std::array::from_fn(|r| hsum256(a0[r]) + tail(rows[r], x0, i, |w| w)),
+            std::array::from_fn(|r| hsum256(a1[r]) + tail(rows[r], x1, i, |w| w)),
+        ]
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every row and `x1` hold `x0.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4x2_bf16_avx2(
+        rows: [&[bf16]; 4],
+        x0: &[f32],
+        x1: &[f32],
+    ) -> [[f32; 4]; 2] {
+        let k = x0.len();
+        let (mut a0, mut a1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+        let mut i = 0;
+        while i + 8 <= k {
+            // SAFETY (caller): i + 8 ≤ k values in x0, x1 and every row; see `dot4_bf16_avx512` for the widening.
+            unsafe {
+                let (v0, v1) = (
+                    _mm256_loadu_ps(x0.as_ptr().add(i)),
+                    _mm256_loadu_ps(x1.as_ptr().add(i)),
+                );
+                for r in 0..4 {
+                    let h = _mm_loadu_si128(rows[r].as_ptr().add(i).cast());
+                    let w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                    a0[r] = _mm256_fmadd_ps(w, v0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(w, v1, a1[r]);
+                }
+            }
+            i += 8;
+        }
+        [
+            std::array::from_fn(|r| hsum256(a0[r]) + tail(rows[r], x0, i, bf16::to_f32)),
+            std::array::from_fn(|r| hsum256(a1[r]) + tail(rows[r], x1, i, bf16::to_f32)),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +429,22 @@ mod tests {
                 };
                 for i in 0..4 {
                     assert!((v[i] - slow[i]).abs() < 1e-3 && (v_b[i] - slow_b[i]).abs() < 1e-3);
+                }
+                // The pair kernels: the second vector is x's last row (the first when n = 1).
+                let x1 = &x[(n - 1) * k..n * k];
+                let slow1 = dot4_portable(rows, x1, |v| v);
+                let slow1_b = dot4_portable(rows_b, x1, bf16::to_f32);
+                // SAFETY: as above; x1 holds k values.
+                let ([p0, p1], [q0, q1]) = unsafe {
+                    (
+                        x86::dot4x2_f32_avx2(rows, &x[..k], x1),
+                        x86::dot4x2_bf16_avx2(rows_b, &x[..k], x1),
+                    )
+                };
+                for i in 0..4 {
+                    for (got, want) in [(p0, slow), (p1, slow1), (q0, slow_b), (q1, slow1_b)] {
+                        assert!((got[i] - want[i]).abs() < 1e-3, "{m} {k} {n}");
+                    }
                 }
             }
         }

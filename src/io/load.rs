@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::data::Tokenizer;
 use crate::error::{MorError, Result};
 use crate::io::checkpoint::{latest, load_model};
-use crate::io::gguf::{import_gguf, GgufFile, QuantizedWeights};
+use crate::io::gguf::{GgufFile, QuantizedWeights};
 use crate::model::MorModel;
 
 /// Where a model came from.
@@ -108,8 +108,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             (m, Some(tok), Some(w))
         }
         ModelSource::Gguf(p) => {
-            let (m, t) = import_gguf(p, &dev)?;
-            (m, Some(t), None)
+            // Converted to the requested dtype tensor by tensor: no f32 copy of the whole model at any time.
+            let mut f = GgufFile::open(p)?;
+            let tok = f.tokenizer()?;
+            let m = f.model_as(&dev, opts.dtype.unwrap_or(DType::F32))?;
+            (m, Some(tok), None)
         }
         ModelSource::Checkpoint(dir) => {
             if opts.quantized {

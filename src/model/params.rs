@@ -137,6 +137,16 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Insert the variable `var` as parameter `name` as it is (no copy) when it has the store's dtype and device;
+    /// otherwise as [`ParamStore::insert`] does.
+    pub fn insert_var(&mut self, name: &str, var: Var) -> Result<()> {
+        if var.dtype() != self.dtype || !var.device().same_device(&self.device) {
+            return self.insert(name, var.as_tensor());
+        }
+        self.vars.insert(name.to_string(), var);
+        Ok(())
+    }
+
     /// Insert a placeholder for parameter `name`: an all-zero view of `shape` backed by a single element (stride 0),
     /// for weights a quantized engine holds in another form and never reads here. It is not a trainable variable
     /// and not listed by [`ParamStore::iter`]; a model computes zeros wherever it reads it.

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::ModelConfig;
 use crate::data::Tokenizer;
@@ -310,6 +310,17 @@ impl GgufFile {
 
     /// All weights as f32 under mor's (HF Llama) names, with q/k rows restored to the HF layout.
     pub fn params(&mut self, cfg: &ModelConfig, device: &Device) -> Result<ParamStore> {
+        self.params_as(cfg, device, DType::F32)
+    }
+
+    /// [`GgufFile::params`] in `dtype`: each tensor is converted as it is read, so loading bf16 weights never holds
+    /// an f32 copy of the whole model (peak memory: the model in `dtype` plus one f32 tensor).
+    fn params_as(
+        &mut self,
+        cfg: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<ParamStore> {
         let d = cfg.hidden_size;
         let hd = cfg.head_dim();
         let (nh, nkv, ffn) = (
@@ -317,36 +328,133 @@ impl GgufFile {
             cfg.num_key_value_heads,
             cfg.intermediate_size,
         );
-        let mut store = ParamStore::new(device, 0);
-        let embed = self.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?;
-        store.insert("model.embed_tokens.weight", &embed)?;
-        let norm = self.tensor_f32("output_norm.weight", &[d])?;
-        store.insert("model.norm.weight", &norm)?;
+        let mut store = ParamStore::with_dtype(device, 0, dtype);
+        let v = cfg.vocab_size;
+        self.read_param(
+            &mut store,
+            "token_embd.weight",
+            "model.embed_tokens.weight",
+            &[v, d],
+            None,
+        )?;
+        self.read_param(
+            &mut store,
+            "output_norm.weight",
+            "model.norm.weight",
+            &[d],
+            None,
+        )?;
         if !cfg.tie_word_embeddings {
-            let head = self.tensor_f32("output.weight", &[cfg.vocab_size, d])?;
-            store.insert("lm_head.weight", &head)?;
+            self.read_param(&mut store, "output.weight", "lm_head.weight", &[v, d], None)?;
         }
         for l in 0..cfg.num_hidden_layers {
             for (g, hf) in LAYER_TENSORS {
-                let shape: Vec<usize> = match g {
-                    "attn_q" => vec![nh * hd, d],
-                    "attn_k" | "attn_v" => vec![nkv * hd, d],
-                    "attn_output" => vec![d, nh * hd],
-                    "ffn_gate" | "ffn_up" => vec![ffn, d],
-                    "ffn_down" => vec![d, ffn],
-                    _ => vec![d],
+                let (shape, heads): (Vec<usize>, _) = match g {
+                    "attn_q" => (vec![nh * hd, d], Some(nh)),
+                    "attn_k" => (vec![nkv * hd, d], Some(nkv)),
+                    "attn_v" => (vec![nkv * hd, d], None),
+                    "attn_output" => (vec![d, nh * hd], None),
+                    "ffn_gate" | "ffn_up" => (vec![ffn, d], None),
+                    "ffn_down" => (vec![d, ffn], None),
+                    _ => (vec![d], None),
                 };
-                let name = format!("blk.{l}.{g}.weight");
-                let mut t = self.tensor_f32(&name, &shape)?;
-                match g {
-                    "attn_q" => t = unpermute_qk(&t, nh)?,
-                    "attn_k" => t = unpermute_qk(&t, nkv)?,
-                    _ => {}
-                }
-                store.insert(&format!("model.layers.{l}.{hf}.weight"), &t)?;
+                let (name, hf) = (
+                    format!("blk.{l}.{g}.weight"),
+                    format!("model.layers.{l}.{hf}.weight"),
+                );
+                self.read_param(&mut store, &name, &hf, &shape, heads)?;
             }
         }
         Ok(store)
+    }
+
+    /// Read tensor `name` into `store` as parameter `hf` in the store's dtype, undoing llama.cpp's q/k row
+    /// permutation when `heads` is given. Float tensors (F32, F16, BF16) stream from the file straight into the
+    /// parameter's own buffer, so a tensor costs one allocation (llama.cpp maps the file instead; a copy per tensor
+    /// would raise peak memory by the largest tensors); quantized ones are dequantized through candle.
+    fn read_param(
+        &mut self,
+        store: &mut ParamStore,
+        name: &str,
+        hf: &str,
+        shape: &[usize],
+        heads: Option<usize>,
+    ) -> Result<()> {
+        match (self.read_float(name, shape, store.dtype())?, heads) {
+            (Some(v), None) => store.insert_var(hf, v),
+            (Some(v), Some(h)) => store.insert(hf, &unpermute_qk(v.as_tensor(), h)?),
+            (None, heads) => {
+                let t = self.tensor_f32(name, shape)?;
+                let t = match heads {
+                    Some(h) => unpermute_qk(&t, h)?,
+                    None => t,
+                };
+                store.insert(hf, &t)
+            }
+        }
+    }
+
+    /// Tensor `name` stored as F32, F16 or BF16, converted to `dtype` (F32 or BF16) while it is read in chunks;
+    /// `None` for other stored or requested types.
+    fn read_float(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Option<Var>> {
+        use candle_core::quantized::GgmlDType as G;
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Err(self.err(format!("missing tensor {name}")));
+        };
+        let (stored, width) = match info.ggml_dtype {
+            G::F32 => (G::F32, 4),
+            G::F16 => (G::F16, 2),
+            G::BF16 => (G::BF16, 2),
+            _ => return Ok(None),
+        };
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Ok(None);
+        }
+        let dims = self.dims(name).unwrap_or_default();
+        if dims != shape {
+            return Err(self.err(format!(
+                "tensor {name}: expected shape {shape:?}, found {dims:?}"
+            )));
+        }
+        let n: usize = shape.iter().product();
+        let start = self.content.tensor_data_offset + info.offset;
+        let io_err = |e: std::io::Error| {
+            MorError::checkpoint(&self.path, format!("reading tensor {name}: {e}"))
+        };
+        self.reader.seek(SeekFrom::Start(start)).map_err(io_err)?;
+        let decode = |b: &[u8]| -> f32 {
+            match stored {
+                G::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                G::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            }
+        };
+        let mut buf = vec![0u8; (1 << 16) * width];
+        let mut f32s = Vec::with_capacity(if dtype == DType::F32 { n } else { 0 });
+        let mut bf16s = Vec::with_capacity(if dtype == DType::BF16 { n } else { 0 });
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1 << 16);
+            let chunk = &mut buf[..k * width];
+            self.reader.read_exact(chunk).map_err(io_err)?;
+            for b in chunk.chunks_exact(width) {
+                match (dtype, stored) {
+                    (DType::F32, _) => f32s.push(decode(b)),
+                    // bf16 → bf16 is a copy of the bits; f32 / f16 → bf16 rounds to nearest even like candle's
+                    // `to_dtype`.
+                    (_, G::BF16) => bf16s.push(half::bf16::from_le_bytes([b[0], b[1]])),
+                    _ => bf16s.push(half::bf16::from_f32(decode(b))),
+                }
+            }
+            left -= k;
+        }
+        let v = if dtype == DType::F32 {
+            Var::from_vec(f32s, shape, &Device::Cpu)?
+        } else {
+            Var::from_vec(bf16s, shape, &Device::Cpu)?
+        };
+        Ok(Some(v))
     }
 
     /// Read tensor `name` as stored (quantized or not), checking its shape (HF [out, in] order) against `shape`.
@@ -366,8 +474,14 @@ impl GgufFile {
 
     /// The vanilla model stored in the file (all weights dequantized to f32).
     pub fn model(&mut self, device: &Device) -> Result<MorModel> {
+        self.model_as(device, DType::F32)
+    }
+
+    /// The vanilla model stored in the file with its weights in `dtype` (f32, or bf16 for the engine's bf16 path),
+    /// converted tensor by tensor as they are read.
+    pub fn model_as(&mut self, device: &Device, dtype: DType) -> Result<MorModel> {
         let cfg = self.config()?;
-        let store = self.params(&cfg, device)?;
+        let store = self.params_as(&cfg, device, dtype)?;
         MorModel::from_params(&cfg, store).map_err(|e| match e {
             MorError::Config(m) => self.err(m),
             other => other,
