@@ -927,6 +927,136 @@ async fn overload_gets_429_while_admitted_requests_complete() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_times_the_capacity_gets_429s_admitted_requests_stay_correct_and_it_still_serves() {
+    let (max_batch, max_queue) = (2, 2);
+    let s = Server::start(ServeOptions {
+        max_batch,
+        max_queue,
+        ..server_opts()
+    })
+    .await;
+    let capacity = max_batch + max_queue;
+    let n = 10 * capacity;
+    let (model, tok) = (model(), tokenizer());
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("When I do count the clock {i}"))
+        .collect();
+    let new_tokens = 96;
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let params = SamplingParams {
+                max_new_tokens: new_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            mor::engine::generate::generate(&model, &tok, p, &params, &mut |_| {})
+                .unwrap()
+                .text
+        })
+        .collect();
+    let body = |i: usize, stream: bool| {
+        json!({"prompt": prompts[i % prompts.len()], "max_tokens": new_tokens, "temperature": 0,
+               "ignore_eos": true, "stream": stream})
+    };
+    // Fill the capacity with long streams first, so the burst meets a full server.
+    let mut held = Vec::new();
+    for i in 0..capacity {
+        let r = s
+            .client
+            .post(s.url("/v1/completions"))
+            .json(&body(i, true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        held.push((i, r));
+    }
+    let burst: Vec<_> = (capacity..n)
+        .map(|i| {
+            let (client, url, body) = (
+                s.client.clone(),
+                s.url("/v1/completions"),
+                body(i, i % 2 == 0),
+            );
+            tokio::spawn(async move {
+                let r = client.post(url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                let text = if status == 200 && body["stream"] == true {
+                    stream_result(&parse_sse(&r.text().await.unwrap())).0
+                } else {
+                    let v: Value = r.json().await.unwrap();
+                    if status == 429 {
+                        assert_eq!(v["error"]["code"], "server_overloaded", "{v}");
+                    }
+                    v["choices"][0]["text"].as_str().unwrap_or("").to_string()
+                };
+                (i, status, text)
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for (i, r) in held {
+        done.push((i, 200, stream_result(&sse(r).await).0));
+    }
+    for t in burst {
+        done.push(t.await.unwrap());
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for (i, status, text) in done {
+        match status {
+            200 => {
+                ok += 1;
+                assert_eq!(text, want[i % prompts.len()], "request {i}");
+            }
+            429 => refused += 1,
+            other => panic!("request {i}: status {other}"),
+        }
+    }
+    assert_eq!(ok + refused, n);
+    assert!(ok >= capacity, "{ok} admitted");
+    assert!(refused >= 1, "{refused} refused");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "mor_requests_total{outcome=\"rejected_overload\"}"),
+        refused as f64
+    );
+
+    // The load generator of `mor bench serve` in the same scenario: every request is ok or refused, none fails.
+    let load = mor::bench::serve::LoadOptions {
+        clients: n,
+        requests: n,
+        prompt_tokens: 8,
+        new_tokens: 32,
+        spread: 0.5,
+        token_range: (10, tok.vocab_size() as u32),
+        model: NAME.into(),
+        temperature: 0.0,
+        seed: 1,
+        timeout: Duration::from_secs(300),
+        server_pid: Some(std::process::id()),
+    };
+    let report = mor::bench::serve::run_load(&s.base, &load).await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(report.ok + report.refused, n, "{report:?}");
+    assert!(report.ok >= 1 && report.tokens >= report.ok, "{report:?}");
+    assert_eq!(
+        report.counted_by_chunks, 0,
+        "mor serve sends usage: {report:?}"
+    );
+    assert!(report.peak_rss_bytes.is_some_and(|b| b > 0), "{report:?}");
+
+    // Still serving, correctly.
+    let (status, v) = s.post("/v1/completions", &body(0, false)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want[0].as_str());
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, "mor_running_sequences"), 0.0, "{m}");
+    assert_eq!(metric(&m, "mor_queue_depth"), 0.0, "{m}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_and_body_limit() {
     let s = Server::start(ServeOptions {
         api_key: Some("sekret".into()),
