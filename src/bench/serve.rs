@@ -137,8 +137,10 @@ pub async fn run_load(base: &str, o: &LoadOptions) -> Result<LoadReport> {
     let bodies = Arc::new(workload(o));
     let next = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(Mutex::new(Samples::default()));
+    // A fresh connection per request: a server may close a kept-alive connection just as the next request goes
+    // out on it (llama-server does after streams), which would count as an error that is the client's doing.
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(o.clients)
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| MorError::Config(format!("http client: {e}")))?;
     let url = format!("{}/v1/completions", base.trim_end_matches('/'));
@@ -180,7 +182,14 @@ pub async fn run_load(base: &str, o: &LoadOptions) -> Result<LoadReport> {
                             s.latency.push(latency);
                         }
                         Ok(Outcome::Refused) => s.refused += 1,
-                        Ok(Outcome::Failed) | Err(_) => s.failed += 1,
+                        Ok(Outcome::Failed(why)) => {
+                            tracing::warn!("request {i} failed: {why}");
+                            s.failed += 1;
+                        }
+                        Err(_) => {
+                            tracing::warn!("request {i} failed: no answer within {timeout:?}");
+                            s.failed += 1;
+                        }
                     }
                 }
             })
@@ -269,7 +278,8 @@ enum Outcome {
         latency: f64,
     },
     Refused,
-    Failed,
+    /// Why.
+    Failed(String),
 }
 
 /// An incremental parser of a `text/event-stream` body: feed it the bytes as they arrive, however they are split,
@@ -327,13 +337,20 @@ impl SseParser {
 /// One streamed completion: times of the content chunks, and the token count from `usage` (else the chunks).
 async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Outcome {
     let t0 = Instant::now();
-    let Ok(resp) = client.post(url).json(body).send().await else {
-        return Outcome::Failed;
+    let resp = match client.post(url).json(body).send().await {
+        Ok(r) => r,
+        Err(e) => return Outcome::Failed(format!("sending: {e}")),
     };
     match resp.status().as_u16() {
         200 => {}
         429 => return Outcome::Refused,
-        _ => return Outcome::Failed,
+        s => {
+            let text = resp.text().await.unwrap_or_default();
+            return Outcome::Failed(format!(
+                "status {s}: {}",
+                text.chars().take(200).collect::<String>()
+            ));
+        }
     }
     let mut stream = resp.bytes_stream();
     let mut parser = SseParser::default();
@@ -341,8 +358,9 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Outco
     let mut usage = None;
     let (mut done, mut finished) = (false, false);
     while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else {
-            return Outcome::Failed;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return Outcome::Failed(format!("reading the stream: {e}")),
         };
         for data in parser.push(&chunk) {
             if data.trim() == "[DONE]" {
@@ -353,7 +371,7 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Outco
                 continue;
             };
             if v["error"].is_object() {
-                return Outcome::Failed;
+                return Outcome::Failed(format!("error event: {}", v["error"]));
             }
             // A server that closes the stream without `[DONE]` still ends it with a finish reason.
             let choices = v["choices"].as_array().map_or(&[][..], Vec::as_slice);
@@ -372,7 +390,7 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Outco
         }
     }
     if !(done || finished) {
-        return Outcome::Failed;
+        return Outcome::Failed("the stream ended without [DONE] or a finish reason".into());
     }
     Outcome::Done {
         tokens: usage.unwrap_or(times.len()),
