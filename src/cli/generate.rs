@@ -69,6 +69,7 @@ impl SamplingArgs {
             max_new_tokens: self.max_tokens,
             stop: self.stop.clone(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }

@@ -213,6 +213,9 @@ pub struct ServeBenchArgs {
     /// The `model` field sent with --url.
     #[arg(long, default_value = "default")]
     pub url_model: String,
+    /// With --url: the server's process id, to report its peak resident memory (Linux /proc).
+    #[arg(long, requires = "url")]
+    pub server_pid: Option<u32>,
     /// With --url: the random prompts' token ids are drawn below this (SmolLM2: 49152).
     #[arg(long, default_value_t = 49152)]
     pub url_vocab: usize,
@@ -246,6 +249,9 @@ pub struct ServeBenchArgs {
     /// Rounds (servers interleaved within each).
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Print one JSON object per line per server and client count instead of the table.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -266,7 +272,7 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
     {
         bail!("--requests and --rounds must be >= 1, --timeout > 0, --spread in [0, 1)");
     }
-    let load = |c: usize, model: &str, vocab: usize| LoadOptions {
+    let load = |c: usize, model: &str, vocab: usize, server_pid: Option<u32>| LoadOptions {
         clients: c,
         requests: a.requests,
         prompt_tokens: a.prompt_tokens,
@@ -278,6 +284,7 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
         temperature: a.temperature,
         seed: 7,
         timeout: Duration::from_secs_f64(a.timeout),
+        server_pid,
     };
     let load_before = mor::bench::load_average();
     let rt = runtime()?;
@@ -352,7 +359,8 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
                     rt.block_on(async {
                         let mut out = Vec::new();
                         for &c in &clients {
-                            out.push(run_load(label, &load(c, &a.url_model, vocab)).await?);
+                            let o = load(c, &a.url_model, vocab, a.server_pid);
+                            out.push(run_load(label, &o).await?);
                         }
                         anyhow::Ok(out)
                     })?
@@ -360,8 +368,12 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
                 Some(make) => {
                     let (served, opts) = make()?;
                     let vocab = served.tokenizer.vocab_size();
-                    let loads: Vec<LoadOptions> =
-                        clients.iter().map(|&c| load(c, "bench", vocab)).collect();
+                    // The server runs in this process.
+                    let pid = Some(std::process::id());
+                    let loads: Vec<LoadOptions> = clients
+                        .iter()
+                        .map(|&c| load(c, "bench", vocab, pid))
+                        .collect();
                     rt.block_on(bench_in_process(served, opts, &loads))?
                 }
             };
@@ -387,6 +399,12 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
                 rows[idx].runs.push(r);
             }
         }
+    }
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
     }
     println!("{}", table(&rows));
     println!(

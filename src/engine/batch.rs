@@ -26,7 +26,9 @@ use candle_core::DType;
 use crate::data::Tokenizer;
 use crate::engine::cache::{recursion_block, SeqKv};
 use crate::engine::pipeline::Flight;
-use crate::engine::sampling::{Sampler, SamplingParams, StopCheck, StopMatcher};
+use crate::engine::sampling::{
+    token_logprobs, Sampler, SamplingParams, StopCheck, StopMatcher, TokenLogprobs,
+};
 use crate::engine::step::{CachedModel, StepOptions};
 use crate::error::{MorError, Result};
 use crate::model::MorModel;
@@ -106,7 +108,7 @@ pub struct Finished {
 
 /// What one request produced since the last [`Engine::take_progress`]: one entry per sampled token, plus a final one
 /// without a token for text held back until the sequence ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     /// The request.
     pub id: RequestId,
@@ -115,6 +117,8 @@ pub struct Progress {
     /// Text that became final with it (with a tokenizer; may be empty): a character spanning several tokens comes
     /// out whole, and text that may start a stop sequence is held back until it cannot.
     pub text: String,
+    /// The token's log-probabilities, if its request asked for them ([`SamplingParams::logprobs`]).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Counters of an [`Engine`] since it was created.
@@ -295,6 +299,8 @@ pub(crate) struct Advance {
     pub token: Option<u32>,
     /// Text that became final (empty without a tokenizer).
     pub text: String,
+    /// The token's log-probabilities, if asked for ([`SamplingParams::logprobs`]).
+    pub logprobs: Option<TokenLogprobs>,
     /// Set when the sequence ended.
     pub finish: Option<Finish>,
 }
@@ -334,6 +340,11 @@ impl Decoder {
         if eos.is_eos(next) && !(ignore_eos || self.sampler.params().ignore_eos) {
             return Self::end(Finish::Eos);
         }
+        let logprobs = self
+            .sampler
+            .params()
+            .logprobs
+            .map(|n| token_logprobs(row, next, n));
         self.context.push(next);
         self.tokens.push(next);
         let mut text = String::new();
@@ -355,6 +366,7 @@ impl Decoder {
                 return Advance {
                     token: Some(next),
                     text,
+                    logprobs,
                     finish: Some(Finish::Stop),
                 };
             }
@@ -363,6 +375,7 @@ impl Decoder {
         Advance {
             token: Some(next),
             text,
+            logprobs,
             finish,
         }
     }
@@ -372,6 +385,7 @@ impl Decoder {
         Advance {
             token: None,
             text: String::new(),
+            logprobs: None,
             finish: Some(finish),
         }
     }
@@ -702,6 +716,7 @@ impl<'m> Engine<'m> {
                     id: r.id,
                     token: Some(t),
                     text: adv.text,
+                    logprobs: adv.logprobs,
                 });
             }
             if let Some(f) = adv.finish {
@@ -717,6 +732,7 @@ impl<'m> Engine<'m> {
                     id: r.id,
                     token: None,
                     text: rest,
+                    logprobs: None,
                 });
             }
             self.finished.push(r.decoder.finished(r.id, finish));

@@ -15,6 +15,9 @@ use crate::error::{MorError, Result};
 /// Largest accepted `max_new_tokens`; anything above is almost certainly a unit or typo error.
 pub const MAX_NEW_TOKENS_LIMIT: usize = 1_000_000;
 
+/// Most alternatives [`SamplingParams::logprobs`] may ask for (OpenAI's chat limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// Logits are `f32`, so probabilities derived from them carry ~1e-7 relative error. A nucleus whose cumulative
 /// probability reaches `top_p` up to that rounding counts as reaching it; otherwise e.g. `[0.5, 0.3, 0.15, 0.05]` with
 /// `top_p = 0.8` would admit the third token or not depending on rounding.
@@ -44,6 +47,9 @@ pub struct SamplingParams {
     /// Keep generating after an end-of-sequence token until `max_new_tokens` (fixed generation lengths, e.g. for
     /// load tests).
     pub ignore_eos: bool,
+    /// Report, for each sampled token, its log-probability and the `n` most likely tokens with theirs
+    /// ([`token_logprobs`]); `None`: nothing is computed.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +64,7 @@ impl Default for SamplingParams {
             max_new_tokens: 128,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -117,7 +124,63 @@ impl SamplingParams {
             // An empty stop sequence would match before any token is generated.
             return Err(request(format!("stop[{i}] is an empty string")));
         }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(request(format!(
+                "logprobs must be <= {MAX_TOP_LOGPROBS}, got {n}"
+            )));
+        }
         Ok(())
+    }
+}
+
+/// The log-probabilities reported for one sampled token ([`SamplingParams::logprobs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The sampled token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first (ties to the lowest id, as greedy
+    /// decoding picks).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `token` and of the `n` most likely tokens under the log-softmax of the raw `logits` row:
+/// before repetition penalty, temperature and top-k/top-p, i.e. the model's own distribution. NaN logits count as
+/// `-inf`; a row without any finite logit gives `-inf` everywhere.
+pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let finite = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    let max = logits
+        .iter()
+        .map(|&x| finite(x))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max.is_finite() {
+        let sum: f64 = logits
+            .iter()
+            .map(|&x| (f64::from(finite(x)) - f64::from(max)).exp())
+            .sum();
+        f64::from(max) + sum.ln()
+    } else {
+        f64::INFINITY
+    };
+    let lp = |x: f32| (f64::from(finite(x)) - lse) as f32;
+    // The n best by a bounded insertion: n is small (<= MAX_TOP_LOGPROBS) and the vocabulary is large.
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        let x = finite(x);
+        if top.len() == n && top.last().is_none_or(|&(_, worst)| x <= worst) {
+            continue;
+        }
+        let at = top.partition_point(|&(_, y)| y >= x);
+        top.insert(at, (i as u32, x));
+        top.truncate(n);
+    }
+    TokenLogprobs {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&x| lp(x)),
+        top: top.into_iter().map(|(i, x)| (i, lp(x))).collect(),
     }
 }
 
@@ -829,5 +892,29 @@ mod tests {
         let mut m = StopMatcher::new::<String>(&[]);
         assert_eq!(m.push("anything"), StopCheck::Continue);
         assert_eq!(m.stable_len(), 8);
+    }
+
+    #[test]
+    fn token_logprobs_are_log_softmax_with_the_top_n_in_order() {
+        let row = [1.0f32, 3.0, f32::NAN, 3.0, -2.0];
+        let lse = [1.0f64, 3.0, 3.0, -2.0]
+            .iter()
+            .map(|x| x.exp())
+            .sum::<f64>()
+            .ln();
+        let lp = token_logprobs(&row, 4, 3);
+        assert_eq!(lp.token, 4);
+        assert!((f64::from(lp.logprob) - (-2.0 - lse)).abs() < 1e-6);
+        // Ties to the lowest id; NaN is -inf and never ranks.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 0]);
+        assert!((f64::from(lp.top[0].1) - (3.0 - lse)).abs() < 1e-6);
+        assert!(token_logprobs(&row, 0, 0).top.is_empty());
+        assert_eq!(token_logprobs(&row, 2, 1).logprob, f32::NEG_INFINITY);
+        let too_many = SamplingParams {
+            logprobs: Some(MAX_TOP_LOGPROBS + 1),
+            ..Default::default()
+        };
+        assert!(too_many.validate(1).is_err());
     }
 }

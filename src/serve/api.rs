@@ -8,8 +8,17 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use crate::engine::sampling::{SamplingParams, MAX_NEW_TOKENS_LIMIT};
+use crate::data::Tokenizer;
+use crate::engine::sampling::{
+    SamplingParams, TokenLogprobs, MAX_NEW_TOKENS_LIMIT, MAX_TOP_LOGPROBS,
+};
 use crate::engine::Finish;
+
+/// Most alternatives `/v1/completions` `logprobs` may ask for (OpenAI's limit).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+
+/// What a log-probability of `-inf` is reported as (JSON has no infinities; OpenAI and vLLM use the same value).
+pub const LOGPROB_FLOOR: f64 = -9999.0;
 
 /// An error answered as OpenAI does: a status and `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -328,18 +337,6 @@ fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
             }
         }
     }
-    let logprobs = match f.get("logprobs") {
-        None | Some(Value::Bool(false)) => false,
-        Some(Value::Number(n)) if n.as_u64() == Some(0) => false,
-        Some(Value::Bool(_)) | Some(Value::Number(_)) => true,
-        Some(v) => return Err(wrong_type("logprobs", "a boolean or an integer", v)),
-    };
-    if logprobs {
-        return Err(ApiError::bad_field(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
     if f.bool("echo")? == Some(true) {
         return Err(ApiError::bad_field("echo", "echo is not supported"));
     }
@@ -367,6 +364,8 @@ fn parse_generation(f: &Fields) -> Result<Generation, ApiError> {
             max_new_tokens: 1,
             stop,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+            // Set by the endpoint, whose fields differ.
+            logprobs: None,
         },
         stream,
         include_usage,
@@ -381,10 +380,21 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
         None => return Err(ApiError::bad_field("prompt", "prompt is required")),
         Some(v) => parse_prompt(v)?,
     };
+    let mut generation = parse_generation(&f)?;
+    generation.params.logprobs = match f.integer("logprobs")? {
+        None => None,
+        Some(n) if (0..=MAX_COMPLETION_LOGPROBS as i64).contains(&n) => Some(n as usize),
+        Some(n) => {
+            return Err(ApiError::bad_field(
+                "logprobs",
+                format!("logprobs must be in 0..={MAX_COMPLETION_LOGPROBS}, got {n}"),
+            ))
+        }
+    };
     Ok(CompletionRequest {
         model: f.string("model")?,
         prompt,
-        generation: parse_generation(&f)?,
+        generation,
     })
 }
 
@@ -446,10 +456,30 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
             .collect::<Result<_, _>>()?,
         Some(v) => return Err(wrong_type("messages", "an array", v)),
     };
+    let mut generation = parse_generation(&f)?;
+    let top = match f.integer("top_logprobs")? {
+        Some(n) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&n) => {
+            return Err(ApiError::bad_field(
+                "top_logprobs",
+                format!("top_logprobs must be in 0..={MAX_TOP_LOGPROBS}, got {n}"),
+            ))
+        }
+        top => top.map(|n| n as usize),
+    };
+    generation.params.logprobs = match (f.bool("logprobs")?.unwrap_or(false), top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::bad_field(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+        (false, _) => None,
+    };
     Ok(ChatRequest {
         model: f.string("model")?,
         messages,
-        generation: parse_generation(&f)?,
+        generation,
     })
 }
 
@@ -508,4 +538,119 @@ pub fn finish_reason(f: &Finish) -> &'static str {
 /// The `usage` object.
 pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Renders token log-probabilities as either endpoint reports them, and keeps the legacy format's text offsets
+/// running across the chunks of a stream.
+///
+/// A token's bytes are its own (byte-level BPE vocabularies: the token string mapped back through GPT-2's byte
+/// alphabet; other tokenizers: the UTF-8 of the token decoded on its own). Chat reports them as `bytes` with the
+/// text (U+FFFD for a part of a multi-byte character); the legacy format names such a token as OpenAI does,
+/// `bytes:\xe2\x80`.
+pub struct LogprobsWriter {
+    chat: bool,
+    /// Characters of token text rendered so far (legacy `text_offset`).
+    offset: usize,
+}
+
+impl LogprobsWriter {
+    /// A writer for `/v1/chat/completions` (`chat`) or `/v1/completions`.
+    pub fn new(chat: bool) -> Self {
+        LogprobsWriter { chat, offset: 0 }
+    }
+
+    /// The `logprobs` object of a response or chunk for `tokens`: chat's `{"content": [{"token", "logprob",
+    /// "bytes", "top_logprobs"}]}` (the top-N alternatives), or the legacy `{"tokens", "token_logprobs",
+    /// "top_logprobs", "text_offset"}` (the top-N alternatives and the sampled token).
+    pub fn render(&mut self, tokenizer: &Tokenizer, tokens: &[TokenLogprobs]) -> Value {
+        let byte_level = matches!(
+            tokenizer.inner().get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        );
+        let bytes = |id: u32| {
+            let own = byte_level
+                .then(|| tokenizer.id_to_token(id))
+                .flatten()
+                .and_then(|t| t.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>());
+            own.unwrap_or_else(|| tokenizer.decode(&[id]).unwrap_or_default().into_bytes())
+        };
+        let lp = |x: f32| {
+            if x.is_finite() {
+                f64::from(x)
+            } else {
+                LOGPROB_FLOOR
+            }
+        };
+        if self.chat {
+            let entry = |id: u32, x: f32| {
+                let b = bytes(id);
+                json!({"token": String::from_utf8_lossy(&b), "logprob": lp(x), "bytes": b})
+            };
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(t.token, t.logprob);
+                    e["top_logprobs"] = t.top.iter().map(|&(id, x)| entry(id, x)).collect();
+                    e
+                })
+                .collect();
+            return json!({ "content": content });
+        }
+        let text = |id: u32| match String::from_utf8(bytes(id)) {
+            Ok(t) => t,
+            Err(e) => e.as_bytes().iter().fold("bytes:".to_string(), |mut t, b| {
+                t.push_str(&format!("\\x{b:02x}"));
+                t
+            }),
+        };
+        let (mut strings, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+        for t in tokens {
+            let s = text(t.token);
+            offsets.push(self.offset);
+            self.offset += s.chars().count();
+            // Tokens with the same text share a key; the most likely one keeps it.
+            let mut top = Map::new();
+            for (key, x) in t.top.iter().map(|&(id, x)| (text(id), x)) {
+                top.entry(key).or_insert_with(|| json!(lp(x)));
+            }
+            top.entry(s.clone()).or_insert_with(|| json!(lp(t.logprob)));
+            strings.push(s);
+            lps.push(lp(t.logprob));
+            tops.push(Value::Object(top));
+        }
+        json!({"tokens": strings, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    }
+}
+
+/// The byte a character of a byte-level BPE token stands for (GPT-2's `bytes_to_unicode` inverted): printable
+/// Latin-1 characters stand for themselves, and U+0100.. for the other 68 bytes in increasing order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    match c as u32 {
+        c @ (0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff) => Some(c as u8),
+        c @ 0x100..=0x143 => Some(match c - 0x100 {
+            n @ 0..=32 => n as u8,
+            n @ 33..=66 => (0x7f + n - 33) as u8,
+            _ => 0xad,
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_level_byte;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back_to_every_byte_once() {
+        let mut bytes: Vec<u8> = ByteLevel::alphabet()
+            .into_iter()
+            .map(|c| byte_level_byte(c).unwrap())
+            .collect();
+        bytes.sort_unstable();
+        assert_eq!(bytes, (0..=255).collect::<Vec<u8>>());
+        // 'Ġ' is the space of GPT-2 vocabularies.
+        assert_eq!(byte_level_byte('\u{120}'), Some(b' '));
+        assert_eq!(byte_level_byte('€'), None);
+    }
 }

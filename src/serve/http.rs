@@ -19,9 +19,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::data::Tokenizer;
+use crate::engine::sampling::TokenLogprobs;
 use crate::engine::{Finish, RequestCheck};
 use crate::error::MorError;
-use crate::serve::api::{self, ApiError, Generation, Prompt};
+use crate::serve::api::{self, ApiError, Generation, LogprobsWriter, Prompt};
 use crate::serve::metrics::Metrics;
 use crate::serve::template::ChatTemplate;
 use crate::serve::worker::{Event, Job};
@@ -280,12 +281,20 @@ enum Kind {
     Chat,
 }
 
-/// Keeps a request counted in [`AppState::in_flight`] until it is answered or its client goes away.
-struct Admission(Arc<AppState>);
+/// An admitted request's receiver of engine events, which keeps it counted in [`AppState::in_flight`] until it is
+/// answered or its client goes away.
+///
+/// The count is released before the receiver closes (`drop` runs before the fields are dropped), and the engine
+/// cancels a request only once its receiver is closed; so when a cancellation is observable (the engine's slot
+/// freed, the metrics counting it), the request no longer counts against the capacity either.
+struct Admission {
+    state: Arc<AppState>,
+    events: UnboundedReceiver<Event>,
+}
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -295,7 +304,8 @@ struct Pending {
     kind: Kind,
     stream: bool,
     include_usage: bool,
-    events: UnboundedReceiver<Event>,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
     admission: Admission,
 }
 
@@ -335,6 +345,7 @@ fn submit(
     };
     let mut params = g.params;
     params.max_new_tokens = max_new;
+    let params_logprobs = params.logprobs.is_some();
     let checked = s.check.check(prompt, &params).map_err(|e| {
         let msg = strip_kind(e);
         // The engine's messages start with the field they refuse.
@@ -361,8 +372,11 @@ fn submit(
             )
         });
     }
-    let admission = Admission(s.clone());
     let (tx, rx) = unbounded_channel();
+    let admission = Admission {
+        state: s.clone(),
+        events: rx,
+    };
     let job = Job {
         prompt: checked.prompt,
         params,
@@ -392,7 +406,7 @@ fn submit(
         kind,
         stream: g.stream,
         include_usage: g.include_usage,
-        events: rx,
+        logprobs: params_logprobs,
         admission,
     })
 }
@@ -413,9 +427,16 @@ impl Pending {
         }
         let mut p = self;
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         let (finish, prompt_tokens, completion_tokens) = loop {
-            match p.events.recv().await {
-                Some(Event::Text(t)) => text.push_str(&t),
+            match p.admission.events.recv().await {
+                Some(Event::Token {
+                    text: t,
+                    logprobs: l,
+                }) => {
+                    text.push_str(&t);
+                    logprobs.extend(l);
+                }
                 Some(Event::Done {
                     finish,
                     prompt_tokens,
@@ -431,16 +452,21 @@ impl Pending {
         let model = &s.opts.served_model_name;
         let reason = api::finish_reason(&finish);
         let usage = api::usage(prompt_tokens, completion_tokens);
+        let logprobs = if p.logprobs {
+            LogprobsWriter::new(p.kind == Kind::Chat).render(&s.tokenizer, &logprobs)
+        } else {
+            Value::Null
+        };
         let body = match p.kind {
             Kind::Completion => json!({
                 "id": p.id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason}],
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}],
                 "usage": usage,
             }),
             Kind::Chat => json!({
                 "id": p.id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": null, "finish_reason": reason}],
+                             "logprobs": logprobs, "finish_reason": reason}],
                 "usage": usage,
             }),
         };
@@ -456,18 +482,27 @@ impl Pending {
             kind: self.kind,
             created: unix_now(),
             model: s.opts.served_model_name.clone(),
+            logprobs: self.logprobs.then(|| {
+                (
+                    s.tokenizer.clone(),
+                    LogprobsWriter::new(self.kind == Kind::Chat),
+                )
+            }),
         };
         let mut queue = VecDeque::new();
         if chunk.kind == Kind::Chat {
-            queue.push_back(chunk.delta(json!({"role": "assistant", "content": ""}), None));
+            queue.push_back(chunk.delta(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                None,
+            ));
         }
         let state = StreamState {
-            events: self.events,
+            admission: self.admission,
             queue,
             done: false,
             chunk,
             include_usage: self.include_usage,
-            _admission: self.admission,
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             loop {
@@ -490,6 +525,8 @@ struct Chunker {
     kind: Kind,
     created: u64,
     model: String,
+    /// With log-probabilities: the tokenizer to render them with, and the writer.
+    logprobs: Option<(Arc<Tokenizer>, LogprobsWriter)>,
 }
 
 impl Chunker {
@@ -502,22 +539,28 @@ impl Chunker {
     }
 
     /// A chat chunk with `delta`.
-    fn delta(&self, delta: Value, finish: Option<&str>) -> String {
+    fn delta(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> String {
         let mut v = self.head();
         v["choices"] =
-            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
+            json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]);
         v.to_string()
     }
 
-    /// A chunk carrying `text`.
-    fn text(&self, text: &str, finish: Option<&str>) -> String {
+    /// A chunk carrying `text` and the log-probabilities of the token that made it, if any.
+    fn text(&mut self, text: &str, token: Option<TokenLogprobs>, finish: Option<&str>) -> String {
+        let logprobs = match (&mut self.logprobs, token) {
+            (Some((tokenizer, writer)), Some(t)) => writer.render(tokenizer, &[t]),
+            _ => Value::Null,
+        };
         match self.kind {
-            Kind::Chat if finish.is_some() && text.is_empty() => self.delta(json!({}), finish),
-            Kind::Chat => self.delta(json!({"content": text}), finish),
+            Kind::Chat if finish.is_some() && text.is_empty() => {
+                self.delta(json!({}), logprobs, finish)
+            }
+            Kind::Chat => self.delta(json!({"content": text}), logprobs, finish),
             Kind::Completion => {
                 let mut v = self.head();
-                v["choices"] =
-                    json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]);
+                v["choices"] = json!([{"index": 0, "text": text, "logprobs": logprobs,
+                                       "finish_reason": finish}]);
                 v.to_string()
             }
         }
@@ -532,19 +575,21 @@ impl Chunker {
 }
 
 struct StreamState {
-    events: UnboundedReceiver<Event>,
+    admission: Admission,
     queue: VecDeque<String>,
     done: bool,
     chunk: Chunker,
     include_usage: bool,
-    _admission: Admission,
 }
 
 impl StreamState {
     /// Wait for the next engine event and queue the chunks it makes.
     async fn next(&mut self) {
-        match self.events.recv().await {
-            Some(Event::Text(t)) => self.queue.push_back(self.chunk.text(&t, None)),
+        match self.admission.events.recv().await {
+            Some(Event::Token { text, logprobs }) => {
+                let c = self.chunk.text(&text, logprobs, None);
+                self.queue.push_back(c);
+            }
             Some(Event::Done {
                 finish,
                 prompt_tokens,
@@ -554,7 +599,8 @@ impl StreamState {
                     self.queue.push_back(engine_error(msg).body().to_string());
                 } else {
                     let reason = api::finish_reason(&finish);
-                    self.queue.push_back(self.chunk.text("", Some(reason)));
+                    let c = self.chunk.text("", None, Some(reason));
+                    self.queue.push_back(c);
                     if self.include_usage {
                         self.queue
                             .push_back(self.chunk.usage(prompt_tokens, completion_tokens));

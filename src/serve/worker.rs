@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::data::Tokenizer;
-use crate::engine::sampling::SamplingParams;
+use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::engine::{CachedModel, Engine, EngineOptions, Finish, RequestCheck, RequestId};
 use crate::error::Result;
 use crate::model::MorModel;
@@ -33,8 +33,13 @@ pub(crate) struct Job {
 /// What the engine reports for a job.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// Text that became final (one event per token that completed some text).
-    Text(String),
+    /// Text that became final, and the log-probabilities of the token that completed it if the request asked for
+    /// them (one event per token that completed some text or has log-probabilities, plus one for text held back
+    /// until the end).
+    Token {
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The job ended.
     Done {
         finish: Finish,
@@ -156,7 +161,16 @@ fn admit(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, metrics: &Met
 
 /// Forward the step's tokens and finished requests to their handlers, and the engine's state to the metrics.
 fn report(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, metrics: &Metrics) {
-    // First, so a client that sees a token also sees the step in the metrics.
+    // Finished requests are counted before the engine's gauges are published, so whoever sees a sequence gone
+    // from `mor_running_sequences` also sees it counted; and both before any event, so a client that sees a token
+    // or its end also sees the step in the metrics.
+    let finished = engine.take_finished();
+    for f in &finished {
+        if live.contains_key(&f.id) {
+            metrics.request(finish_reason(&f.finish));
+            metrics.tokens(f.prompt_tokens.len(), f.tokens.len());
+        }
+    }
     metrics.engine(
         engine.queued(),
         engine.running(),
@@ -175,16 +189,17 @@ fn report(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, metrics: &Me
             }
             l.last_token = Some(now);
         }
-        if !p.text.is_empty() {
-            let _ = l.events.send(Event::Text(p.text));
+        if !p.text.is_empty() || p.logprobs.is_some() {
+            let _ = l.events.send(Event::Token {
+                text: p.text,
+                logprobs: p.logprobs,
+            });
         }
     }
-    for f in engine.take_finished() {
+    for f in finished {
         let Some(l) = live.remove(&f.id) else {
             continue;
         };
-        metrics.request(finish_reason(&f.finish));
-        metrics.tokens(f.prompt_tokens.len(), f.tokens.len());
         let _ = l.events.send(Event::Done {
             finish: f.finish,
             prompt_tokens: f.prompt_tokens.len(),
