@@ -1,5 +1,5 @@
 //! The one model loader every command uses: a checkpoint directory, a run directory (its latest checkpoint) or a
-//! llama.cpp `.gguf` file, with the tokenizer that belongs to it.
+//! `.gguf` file (llama.cpp's `llama` or mor's own architecture), with the tokenizer that belongs to it.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +8,7 @@ use candle_core::Device;
 use crate::data::Tokenizer;
 use crate::error::{MorError, Result};
 use crate::io::checkpoint::{latest, load_model};
-use crate::io::gguf::{import_gguf, GgufFile, QuantizedWeights};
+use crate::io::gguf::{GgufFile, QuantizedWeights};
 use crate::model::MorModel;
 
 /// Where a model came from.
@@ -100,16 +100,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let source = ModelSource::resolve(path)?;
     let dev = Device::Cpu;
     let (model, own_tokenizer, quantized) = match &source {
-        ModelSource::Gguf(p) if opts.quantized => {
-            // The stored weights only: the model is a frame whose dense matmul weights are placeholders.
-            let mut f = GgufFile::open(p)?;
-            let tok = f.tokenizer()?;
-            let (m, w) = f.quantized_model()?;
-            (m, Some(tok), Some(w))
-        }
         ModelSource::Gguf(p) => {
-            let (m, t) = import_gguf(p, &dev)?;
-            (m, Some(t), None)
+            let mut f = GgufFile::open(p)?;
+            let tok = f.has_tokenizer().then(|| f.tokenizer()).transpose()?;
+            if opts.quantized {
+                // The stored weights only: the model is a frame whose dense matmul weights are placeholders.
+                let (m, w) = f.quantized_model()?;
+                (m, tok, Some(w))
+            } else {
+                (f.model(&dev)?, tok, None)
+            }
         }
         ModelSource::Checkpoint(dir) => {
             if opts.quantized {
