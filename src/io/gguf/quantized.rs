@@ -165,6 +165,21 @@ pub struct QuantizedWeights {
 }
 
 impl QuantizedWeights {
+    /// Bytes held by the stored weights (a tied head counted once).
+    pub fn bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .sum();
+        let head = if Arc::ptr_eq(&self.embed, &self.head) {
+            0
+        } else {
+            self.head.bytes()
+        };
+        layers + self.embed.bytes() + head
+    }
+
     /// The stored formats, most frequent (by bytes) first, e.g. "Q4_1" or "Q5_0+Q6_K+Q4_K".
     pub fn formats(&self) -> String {
         let mut by: Vec<(crate::engine::quant::QFormat, usize)> = Vec::new();
