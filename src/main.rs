@@ -19,7 +19,7 @@ use cli::plot::PlotArgs;
 use cli::quickstart::QuickstartArgs;
 use cli::serve::ServeArgs;
 use cli::train::{TrainArgs, UptrainArgs};
-use cli::weights::{ExportArgs, ImportArgs};
+use cli::weights::{ExportArgs, ImportArgs, QuantizeArgs};
 
 #[global_allocator]
 static GLOBAL: mor::alloc::CountingAlloc = mor::alloc::CountingAlloc;
@@ -60,10 +60,13 @@ enum Command {
     /// Evaluation: loss / bits per byte, downstream tasks, routing depth pictures.
     #[command(subcommand)]
     Eval(cli::eval::EvalCommand),
-    /// Import a GGUF file (llama.cpp) as a mor checkpoint directory with its tokenizer.json.
+    /// Import a GGUF file (llama.cpp's llama or mor's own architecture) as a mor checkpoint directory with its
+    /// tokenizer.json.
     Import(ImportArgs),
     /// Export a checkpoint: Hugging Face layout (any model) or GGUF (vanilla models).
     Export(ExportArgs),
+    /// Quantize any checkpoint (vanilla, recursive, MoR) into a GGUF file: q8_0, q4_0, q4_1, q4_k.
+    Quantize(QuantizeArgs),
     /// Up-train a pretrained vanilla model (GGUF or checkpoint) into a recursive / MoR model, then train it.
     Uptrain(UptrainArgs),
     /// Overlay one metric of several runs in a PNG and print it as a markdown table (e.g. held-out loss).
@@ -109,6 +112,7 @@ fn run(command: Command) -> Result<()> {
         Command::Verify { reference } => cli::weights::run_verify(&reference),
         Command::Import(a) => cli::weights::run_import(&a),
         Command::Export(a) => cli::weights::run_export(&a),
+        Command::Quantize(a) => cli::weights::run_quantize(&a),
         Command::Uptrain(a) => cli::train::run_uptrain(&a),
         Command::Serve(a) => cli::serve::run_serve(&a),
         Command::Chat(a) => cli::chat::run_chat(&a),

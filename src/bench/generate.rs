@@ -10,6 +10,10 @@
 //! depth distribution matches the configured capacities (N_r/N_r, …, 1/N_r), and the output says so. As in
 //! `mor bench train`, runs are interleaved round-robin and repeated, and medians and ratios to vanilla from the same
 //! run are reported, with the load average.
+//!
+//! With several weight precisions (`precisions`, `mor bench generate --quantized f32,q8_0,q4_0`) every variant also
+//! runs quantized in memory exactly as `mor quantize` stores it ([`quantize_model`]), on the engine's integer
+//! kernels, calibrated on its own generations; each row's baseline is vanilla at the same precision.
 
 use std::fmt;
 use std::time::Instant;
@@ -25,6 +29,7 @@ use crate::engine::batch::{Engine, EngineOptions, EngineStats};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::step::{CachedModel, StepOptions};
 use crate::error::{MorError, Result};
+use crate::io::gguf::{quantize_model, QuantType, QuantizedWeights};
 use crate::model::MorModel;
 
 /// Per-recursion decode thresholds for an expert-choice model such that, on `seqs` (prefilled causally), the
@@ -82,8 +87,12 @@ pub fn calibrate_expert_thresholds(cm: &CachedModel, seqs: &[Vec<u32>]) -> Resul
 pub struct GenerateBenchOptions {
     /// Model width.
     pub hidden_size: usize,
-    /// Query heads (KV heads = heads / 2).
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads (`None`: heads / 2).
+    pub kv_heads: Option<usize>,
+    /// FFN width (`None`: 3 × width).
+    pub intermediate_size: Option<usize>,
     /// Unrolled layers of every variant unless `@L`; (layers − 2) must be divisible by each N_r (34: the paper's
     /// MoR-4 against a 34-layer vanilla; 26 serves N_r = 2, 3, 4).
     pub layers: usize,
@@ -108,6 +117,31 @@ pub struct GenerateBenchOptions {
     /// [`EngineOptions::asynchronous`]). A row's baseline is the first `vanilla` variant with the same unrolled
     /// depth, else the first variant.
     pub variants: Vec<String>,
+    /// Weight precisions every variant runs at ([`QuantType::F32`]: the dense f32 engine; others quantized in
+    /// memory, [`quantize_model`]).
+    pub precisions: Vec<QuantType>,
+}
+
+impl GenerateBenchOptions {
+    /// Apply a named width preset: `smollm2` is SmolLM2-135M's shape (d = 576, 9 heads of 64, 3 KV heads, FFN 1536,
+    /// vocabulary 49152, 30 unrolled layers: vanilla-30, MoR-4 as 1 + 7×4 + 1; MoR-3 as 1 + 9×3 + 1 needs
+    /// `mor-expert-3@29`, the paper's Table 10 layout of SmolLM2-135M).
+    pub fn with_shape(mut self, name: &str) -> Result<Self> {
+        match name {
+            "smollm2" => {
+                self.hidden_size = 576;
+                self.heads = 9;
+                self.kv_heads = Some(3);
+                self.intermediate_size = Some(1536);
+                self.vocab = 49152;
+                self.layers = 30;
+                Ok(self)
+            }
+            other => Err(MorError::Config(format!(
+                "unknown shape {other:?}: use smollm2"
+            ))),
+        }
+    }
 }
 
 impl Default for GenerateBenchOptions {
@@ -115,6 +149,8 @@ impl Default for GenerateBenchOptions {
         GenerateBenchOptions {
             hidden_size: 256,
             heads: 4,
+            kv_heads: None,
+            intermediate_size: None,
             layers: 34,
             vocab: 4096,
             context: 512,
@@ -139,6 +175,7 @@ impl Default for GenerateBenchOptions {
             ]
             .map(String::from)
             .to_vec(),
+            precisions: vec![QuantType::F32],
         }
     }
 }
@@ -211,6 +248,8 @@ pub fn generate_variant_config(name: &str, o: &GenerateBenchOptions) -> Result<M
     let shape = TrainBenchOptions {
         hidden_size: o.hidden_size,
         heads: o.heads,
+        kv_heads: o.kv_heads,
+        intermediate_size: o.intermediate_size,
         layers,
         vocab: o.vocab,
         seq_len: o.context,
@@ -256,7 +295,12 @@ pub fn full_context_kv_bytes(cfg: &ModelConfig, context: usize) -> usize {
 /// context.
 pub fn max_batch(model: &MorModel, context: usize, budget: usize) -> usize {
     let params = model.params().num_scalars() * model.params().dtype().size_in_bytes();
-    budget.saturating_sub(params) / full_context_kv_bytes(model.config(), context).max(1)
+    max_batch_for(params, model.config(), context, budget)
+}
+
+/// [`max_batch`] for a model whose parameters hold `param_bytes` (e.g. quantized).
+fn max_batch_for(param_bytes: usize, cfg: &ModelConfig, context: usize, budget: usize) -> usize {
+    budget.saturating_sub(param_bytes) / full_context_kv_bytes(cfg, context).max(1)
 }
 
 /// Measurements of one variant at one batch size.
@@ -264,6 +308,8 @@ pub fn max_batch(model: &MorModel, context: usize, budget: usize) -> usize {
 pub struct GenerateBenchRow {
     /// Variant name.
     pub name: String,
+    /// Weight precision.
+    pub precision: QuantType,
     /// Batch size as requested (a number or B=Max).
     pub batch_label: BatchSize,
     /// Batch size (slots) this variant ran at.
@@ -304,6 +350,8 @@ pub struct GenerateBenchReport {
     pub baseline: Vec<usize>,
     /// Load averages before and after.
     pub load: (Option<[f64; 3]>, Option<[f64; 3]>),
+    /// Per-tensor quantization fallbacks, one line each.
+    pub notes: Vec<String>,
 }
 
 /// Requests of the workload at batch size `b`: (max_new_tokens, seed).
@@ -324,7 +372,11 @@ fn workload(o: &GenerateBenchOptions, b: usize) -> Vec<(usize, u64)> {
 /// random tokens, then twice generate 32 sequences of the mean length with the current thresholds and recalibrate
 /// on them.
 pub fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Result<Vec<f64>> {
-    let cm = CachedModel::new(model)?;
+    calibrate_cached(&CachedModel::new(model)?, o)
+}
+
+/// [`calibrate_on_own_text`] on a prepared (e.g. quantized) model.
+pub fn calibrate_cached(cm: &CachedModel, o: &GenerateBenchOptions) -> Result<Vec<f64>> {
     let len = (o.mean_len.round() as usize).clamp(8, o.context - 1);
     let mut rng = StdRng::seed_from_u64(17);
     let mut seqs: Vec<Vec<u32>> = (0..32)
@@ -334,10 +386,10 @@ pub fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Resu
                 .collect()
         })
         .collect();
-    let mut thr = calibrate_expert_thresholds(&cm, &seqs)?;
+    let mut thr = calibrate_expert_thresholds(cm, &seqs)?;
     for round in 0..2u64 {
-        let mut engine = Engine::new(
-            model,
+        let mut engine = Engine::with_cached(
+            cm.clone(),
             None,
             EngineOptions {
                 max_batch: 32,
@@ -364,71 +416,136 @@ pub fn calibrate_on_own_text(model: &MorModel, o: &GenerateBenchOptions) -> Resu
             .into_iter()
             .map(|f| [f.prompt_tokens, f.tokens].concat())
             .collect();
-        thr = calibrate_expert_thresholds(&cm, &seqs)?;
+        thr = calibrate_expert_thresholds(cm, &seqs)?;
     }
     Ok(thr)
 }
 
-/// Run every variant at every batch size, interleaved, `rounds` times.
+/// A variant of the run at one precision.
+struct Variant {
+    name: String,
+    precision: QuantType,
+    /// Index into the prepared models.
+    model: usize,
+    asynchronous: bool,
+    layers: usize,
+    vanilla: bool,
+    max_batch: usize,
+}
+
+/// A model of the run: (key, precision, the model or quantized frame, its quantized weights, parameter bytes).
+type Built = (String, QuantType, MorModel, Option<QuantizedWeights>, usize);
+
+/// Run every variant at every precision and batch size, interleaved, `rounds` times.
 pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
     let load_before = load_average();
     let dev = Device::Cpu;
-    // Variants differing only by `+async` share one model (same weights and calibration).
-    let mut models: Vec<(String, MorModel, Option<Vec<f64>>)> = Vec::new();
-    let mut variants = Vec::new();
-    for name in &o.variants {
-        let (base, layers, kv, asy) = parse_variant(name, o)?;
-        let key = format!("{base}@{layers}{}", if kv { "+kv" } else { "" });
-        let mi = match models.iter().position(|m| m.0 == key) {
-            Some(i) => i,
-            None => {
-                let cfg = generate_variant_config(name, o)?;
-                let model = MorModel::new(&cfg, &dev, 0)?;
-                let thresholds = if cfg.expert_choice().is_some() {
-                    Some(calibrate_on_own_text(&model, o)?)
-                } else {
-                    None
-                };
-                models.push((key, model, thresholds));
-                models.len() - 1
-            }
-        };
-        let vanilla_base = base == "vanilla";
-        let mb = max_batch(&models[mi].1, o.context, o.memory_budget);
-        variants.push((name.clone(), mi, asy, layers, vanilla_base, mb));
+    if o.precisions.is_empty() {
+        return Err(MorError::Config("no weight precision to run".into()));
     }
+    // Variants differing only by `+async` share one model (same weights and calibration) per precision; every
+    // precision quantizes the same f32 model.
+    let mut dense: Vec<(String, MorModel)> = Vec::new();
+    let mut built: Vec<Built> = Vec::new();
+    let mut notes = Vec::new();
+    let mut variants = Vec::new();
+    for &ty in &o.precisions {
+        for name in &o.variants {
+            let (base, layers, kv, asy) = parse_variant(name, o)?;
+            let key = format!("{base}@{layers}{}", if kv { "+kv" } else { "" });
+            let mi = match built.iter().position(|m| m.0 == key && m.1 == ty) {
+                Some(i) => i,
+                None => {
+                    let di = match dense.iter().position(|m| m.0 == key) {
+                        Some(i) => i,
+                        None => {
+                            let cfg = generate_variant_config(name, o)?;
+                            dense.push((key.clone(), MorModel::new(&cfg, &dev, 0)?.frozen()?));
+                            dense.len() - 1
+                        }
+                    };
+                    let m = &dense[di].1;
+                    let f32_bytes = |m: &MorModel| {
+                        m.params().num_scalars() * m.params().dtype().size_in_bytes()
+                    };
+                    built.push(if ty == QuantType::F32 {
+                        (key.clone(), ty, m.clone(), None, f32_bytes(m))
+                    } else {
+                        let q = quantize_model(m, ty)?;
+                        notes.extend(q.notes.iter().map(|n| format!("{key} {ty}: {n}")));
+                        let bytes = q.weights.bytes() + f32_bytes(&q.model);
+                        (key.clone(), ty, q.model, Some(q.weights), bytes)
+                    });
+                    built.len() - 1
+                }
+            };
+            let m = &built[mi];
+            variants.push(Variant {
+                name: if o.precisions == [QuantType::F32] {
+                    name.clone()
+                } else {
+                    format!("{name} [{ty}]")
+                },
+                precision: ty,
+                model: mi,
+                asynchronous: asy,
+                layers,
+                vanilla: base == "vanilla",
+                max_batch: max_batch_for(m.4, m.2.config(), o.context, o.memory_budget),
+            });
+        }
+    }
+    drop(dense);
+    let mut weights: Vec<Option<QuantizedWeights>> = built.iter_mut().map(|b| b.3.take()).collect();
+    let mut models: Vec<(CachedModel, Option<Vec<f64>>)> = Vec::new();
+    for (b, w) in built.iter().zip(&mut weights) {
+        let cm = match w.take() {
+            Some(w) => CachedModel::quantized(&b.2, w)?,
+            None => CachedModel::new(&b.2)?,
+        };
+        // Calibrated on the model as it runs (quantized or not), so every precision realises the capacities.
+        let thresholds = if b.2.config().expert_choice().is_some() {
+            Some(calibrate_cached(&cm, o)?)
+        } else {
+            None
+        };
+        models.push((cm, thresholds));
+    }
+    let baseline_of = |v: &Variant| {
+        variants
+            .iter()
+            .position(|w| w.vanilla && w.layers == v.layers && w.precision == v.precision)
+            .or_else(|| variants.iter().position(|w| w.precision == v.precision))
+            .unwrap_or(0)
+    };
     let mut rows: Vec<GenerateBenchRow> = Vec::new();
     let mut baseline = Vec::new();
     let mut plan = Vec::new();
     for &bl in &o.batches {
         let first = rows.len();
         // B=Max: the workload of the largest B=Max, the same for every variant.
-        let batch_of = |v: &(String, usize, bool, usize, bool, usize)| -> usize {
+        let batch_of = |v: &Variant| -> usize {
             match bl {
                 BatchSize::Fixed(n) => n,
                 BatchSize::Max => {
-                    let vb = variants
-                        .iter()
-                        .find(|w| w.4 && w.3 == v.3)
-                        .or(variants.first())
-                        .map_or(v.5, |w| w.5);
-                    ((32.0 * v.5 as f64 / vb.max(1) as f64).round() as usize).max(1)
+                    let vb = variants[baseline_of(v)].max_batch;
+                    ((32.0 * v.max_batch as f64 / vb.max(1) as f64).round() as usize).max(1)
                 }
             }
         };
-        let wl = variants.iter().map(&batch_of).max().unwrap_or(1);
+        let wl = variants.iter().map(batch_of).max().unwrap_or(1);
         let reqs = workload(o, wl);
         for v in &variants {
             let b = batch_of(v);
-            let base = variants.iter().position(|w| w.4 && w.3 == v.3).unwrap_or(0);
-            baseline.push(first + base);
-            plan.push((v.1, v.2, b, wl));
+            baseline.push(first + baseline_of(v));
+            plan.push((v.model, v.asynchronous, b, wl));
             rows.push(GenerateBenchRow {
-                name: v.0.clone(),
+                name: v.name.clone(),
+                precision: v.precision,
                 batch_label: bl,
                 batch: b,
-                layers: v.3,
-                max_batch: v.5,
+                layers: v.layers,
+                max_batch: v.max_batch,
                 block_rows_per_step: 0.0,
                 requests: reqs.len(),
                 tokens: reqs.iter().map(|r| r.0).sum(),
@@ -437,18 +554,18 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
                 peak_kv_bytes: 0,
                 peak_kv_block_bytes: 0,
                 peak_bytes: 0,
-                thresholds: models[v.1].2.clone(),
+                thresholds: models[v.model].1.clone(),
             });
         }
     }
-    let run = |model: &MorModel,
+    let run = |cm: &CachedModel,
                thr: &Option<Vec<f64>>,
                asynchronous: bool,
                b: usize,
                wl: usize|
      -> Result<(f64, EngineStats)> {
-        let mut engine = Engine::new(
-            model,
+        let mut engine = Engine::with_cached(
+            cm.clone(),
             None,
             EngineOptions {
                 max_batch: b,
@@ -477,12 +594,15 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
     };
     // One untimed warm-up run per variant at batch 1.
     for v in &variants {
-        run(&models[v.1].1, &models[v.1].2, v.2, 1, 1)?;
+        let (cm, thr) = &models[v.model];
+        run(cm, thr, v.asynchronous, 1, 1)?;
     }
     for _ in 0..o.rounds {
         for (i, &(mi, asy, b, wl)) in plan.iter().enumerate() {
             crate::alloc::reset_peak();
-            let (secs, st) = run(&models[mi].1, &models[mi].2, asy, b, wl)?;
+            let (cm, thr) = &models[mi];
+            let (secs, st) = run(cm, thr, asy, b, wl)?;
+            let layout = cm.model().layout();
             let row = &mut rows[i];
             row.peak_bytes = row.peak_bytes.max(crate::alloc::peak_bytes());
             row.secs.push(secs);
@@ -490,14 +610,13 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
             row.depth_fractions = st.depths.iter().map(|&c| c as f64 / total).collect();
             row.peak_kv_bytes = row.peak_kv_bytes.max(st.peak_kv_bytes);
             row.peak_kv_block_bytes = row.peak_kv_block_bytes.max(st.peak_kv_block_bytes);
-            row.block_rows_per_step = if models[mi].1.layout().base_depth == 0 {
+            row.block_rows_per_step = if layout.base_depth == 0 {
                 0.0
             } else if asy {
                 st.block_rows as f64 / st.steps.max(1) as f64
             } else {
                 // Synchronous: the block is called once per recursion per step.
-                st.block_rows as f64
-                    / (st.steps.max(1) * models[mi].1.layout().num_recursion) as f64
+                st.block_rows as f64 / (st.steps.max(1) * layout.num_recursion) as f64
             };
         }
     }
@@ -506,6 +625,7 @@ pub fn bench_generate(o: &GenerateBenchOptions) -> Result<GenerateBenchReport> {
         rows,
         baseline,
         load: (load_before, load_average()),
+        notes,
     })
 }
 
@@ -539,6 +659,19 @@ impl fmt::Display for GenerateBenchReport {
             o.memory_budget as f64 / (1u64 << 30) as f64,
             o.context
         )?;
+        if o.precisions != [QuantType::F32] {
+            let names: Vec<&str> = o.precisions.iter().map(|p| p.name()).collect();
+            writeln!(
+                f,
+                "weights: {} (quantized in memory as `mor quantize` stores them, matmuls on the integer kernels, \
+                 routers and norms f32; `vs vanilla` = against vanilla at the same precision; max B counts the \
+                 stored bytes)",
+                names.join(", ")
+            )?;
+        }
+        for n in &self.notes {
+            writeln!(f, "  fallback: {n}")?;
+        }
         let mut seen = std::collections::BTreeSet::new();
         for r in &self.rows {
             if let Some(t) = &r.thresholds {

@@ -116,6 +116,14 @@ pub enum BenchCommand {
             default_value = "vanilla,recursive-4,mor-expert-2,mor-expert-2+async,mor-expert-4,mor-expert-4+async"
         )]
         variants: String,
+        /// Width preset: `smollm2` (d = 576, 9 heads, 3 KV heads, FFN 1536, vocabulary 49152, 30 layers; overrides
+        /// --hidden-size and --layers).
+        #[arg(long)]
+        shape: Option<String>,
+        /// Weight precisions, comma-separated: f32 and/or q8_0, q4_0, q4_1, q4_k (every variant quantized in memory
+        /// as `mor quantize` stores it, on the integer kernels).
+        #[arg(long, default_value = "f32")]
+        quantized: String,
     },
 }
 
@@ -277,6 +285,8 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             requests_per_slot,
             rounds,
             variants,
+            shape,
+            quantized,
         } => {
             let list = |s: &str| {
                 s.split(',')
@@ -293,7 +303,12 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
             if !(memory_gib > 0.0 && memory_gib.is_finite()) {
                 anyhow::bail!("--memory-gib must be positive");
             }
-            let o = mor::bench::generate::GenerateBenchOptions {
+            let precisions = list(&quantized)
+                .iter()
+                .map(|t| t.parse::<mor::io::gguf::QuantType>())
+                .collect::<mor::Result<Vec<_>>>()
+                .context("--quantized")?;
+            let mut o = mor::bench::generate::GenerateBenchOptions {
                 hidden_size,
                 layers,
                 batches,
@@ -304,8 +319,12 @@ pub fn run_bench(c: BenchCommand) -> Result<()> {
                 requests_per_slot,
                 rounds,
                 variants: list(&variants),
+                precisions,
                 ..Default::default()
             };
+            if let Some(name) = &shape {
+                o = o.with_shape(name)?;
+            }
             println!("{}", mor::bench::generate::bench_generate(&o)?);
         }
     }

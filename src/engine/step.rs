@@ -148,28 +148,25 @@ impl<'m> CachedModel<'m> {
         Self::assemble(model, fused, None)
     }
 
-    /// Prepare the vanilla `model` whose weights are `weights`, read from its GGUF file in their stored format:
-    /// every matmul (layers and LM head) and the embedding lookup run on the quantized blocks with the engine's
-    /// integer kernels ([`crate::engine::quant`]); no dense copy of a matmul weight is made, and the model's own
-    /// dense matmul weights and embedding are never read (so they may be placeholders, as
-    /// [`GgufFile::quantized_model`](crate::io::gguf::GgufFile::quantized_model) makes them). Norms, RoPE and
-    /// attention stay f32. Checked by layer count and shape.
+    /// Prepare `model` (any variant) whose matmul weights are `weights` in their stored format (read from a GGUF
+    /// file or quantized in memory, [`crate::io::gguf::quantize_model`]): every matmul (layers and LM head) and the
+    /// embedding lookup run on the quantized blocks with the engine's integer kernels ([`crate::engine::quant`]);
+    /// unrolled layers that share a unique layer share its blocks (built once), no dense copy of a matmul weight is
+    /// made, and the model's own dense matmul weights and embedding are never read (so they may be placeholders, as
+    /// [`GgufFile::quantized_model`](crate::io::gguf::GgufFile::quantized_model) makes them). Routers, norms, RoPE
+    /// and attention stay f32, and routing runs the model's own routing code. Checked by layer count and shape.
     pub fn quantized(
         model: &'m MorModel,
         weights: crate::io::gguf::QuantizedWeights,
     ) -> Result<Self> {
         Self::check(model)?;
         let cfg = model.config();
-        if cfg.recursion.is_some() || cfg.mor.is_some() {
-            return Err(MorError::Config(
-                "quantized inference runs vanilla GGUF models only".into(),
-            ));
-        }
-        if weights.layers.len() != model.layers().len() {
+        let unique = model.layout().unique_layers();
+        if weights.layers.len() != unique.len() {
             return Err(MorError::Config(format!(
-                "{} quantized layers for a model with {}",
+                "{} quantized layers for a model with {} unique layers",
                 weights.layers.len(),
-                model.layers().len()
+                unique.len()
             )));
         }
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
@@ -188,19 +185,28 @@ impl<'m> CachedModel<'m> {
             }
             Ok(Weight::Quantized(Arc::new(w)))
         };
-        let mut fused = Vec::with_capacity(weights.layers.len());
-        for (layer, q) in model.layers().iter().zip(weights.layers) {
-            let (n_in, n_post) = layer.norms();
-            fused.push(FusedLayer {
-                qkv: qw(q.qkv, "q/k/v", (nh + 2 * nkv) * hd, d)?,
-                q: qw(q.q, "q", nh * hd, d)?,
-                o: qw(q.o, "o", d, nh * hd)?,
-                gate_up: qw(q.gate_up, "gate/up", 2 * f, d)?,
-                down: qw(q.down, "down", d, f)?,
-                norm_in: to_f32_vec(n_in.parts().0)?,
-                norm_post: to_f32_vec(n_post.parts().0)?,
-            });
+        let mut by_source = std::collections::HashMap::new();
+        for (&u, q) in unique.iter().zip(weights.layers) {
+            let (n_in, n_post) = model.layers()[u].norms();
+            by_source.insert(
+                u,
+                FusedLayer {
+                    qkv: qw(q.qkv, "q/k/v", (nh + 2 * nkv) * hd, d)?,
+                    q: qw(q.q, "q", nh * hd, d)?,
+                    o: qw(q.o, "o", d, nh * hd)?,
+                    gate_up: qw(q.gate_up, "gate/up", 2 * f, d)?,
+                    down: qw(q.down, "down", d, f)?,
+                    norm_in: to_f32_vec(n_in.parts().0)?,
+                    norm_post: to_f32_vec(n_post.parts().0)?,
+                },
+            );
         }
+        let fused = model
+            .layout()
+            .source
+            .iter()
+            .map(|s| by_source[s].clone())
+            .collect();
         let v = cfg.vocab_size;
         for (t, what) in [(&weights.embed, "embedding"), (&weights.head, "LM head")] {
             if (t.rows(), t.cols()) != (v, d) {

@@ -1,5 +1,5 @@
 //! The one model loader every command uses: a checkpoint directory, a run directory (its latest checkpoint) or a
-//! llama.cpp `.gguf` file, with the tokenizer that belongs to it.
+//! `.gguf` file (llama.cpp's `llama` or mor's own architecture), with the tokenizer that belongs to it.
 
 use std::path::{Path, PathBuf};
 
@@ -100,19 +100,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let source = ModelSource::resolve(path)?;
     let dev = Device::Cpu;
     let (model, own_tokenizer, quantized) = match &source {
-        ModelSource::Gguf(p) if opts.quantized => {
-            // The stored weights only: the model is a frame whose dense matmul weights are placeholders.
-            let mut f = GgufFile::open(p)?;
-            let tok = f.tokenizer()?;
-            let (m, w) = f.quantized_model()?;
-            (m, Some(tok), Some(w))
-        }
         ModelSource::Gguf(p) => {
-            // Converted to the requested dtype tensor by tensor: no f32 copy of the whole model at any time.
             let mut f = GgufFile::open(p)?;
-            let tok = f.tokenizer()?;
-            let m = f.model_as(&dev, opts.dtype.unwrap_or(DType::F32))?;
-            (m, Some(tok), None)
+            let tok = f.has_tokenizer().then(|| f.tokenizer()).transpose()?;
+            if opts.quantized {
+                // The stored weights only: the model is a frame whose dense matmul weights are placeholders.
+                let (m, w) = f.quantized_model()?;
+                (m, tok, Some(w))
+            } else {
+                // Converted to the requested dtype tensor by tensor: no f32 copy of the whole model at any time.
+                (
+                    f.model_as(&dev, opts.dtype.unwrap_or(DType::F32))?,
+                    tok,
+                    None,
+                )
+            }
         }
         ModelSource::Checkpoint(dir) => {
             if opts.quantized {

@@ -1,4 +1,5 @@
-//! GGUF export of vanilla models (llama.cpp conventions), so llama.cpp-family tools can read mor checkpoints.
+//! GGUF export of vanilla models (llama.cpp conventions), so llama.cpp-family tools can read mor checkpoints, and the
+//! atomic GGUF writer every export uses.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -8,6 +9,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
+use super::mor::{config_metadata, quantize_weight, QuantType};
 use super::tokenizer::tokenizer_metadata;
 use super::{permute_qk, LAYER_TENSORS};
 use crate::data::Tokenizer;
@@ -18,6 +20,17 @@ use crate::model::MorModel;
 /// permuted q/k rows) with the tokenizer's vocabulary and merges if `tokenizer` is given (GPT-2 byte-level BPE
 /// tokenizers only). Recursive and MoR models are refused: GGUF has no representation of shared layers or routers.
 pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path) -> Result<()> {
+    write_llama(model, tokenizer, QuantType::F32, path).map(drop)
+}
+
+/// [`export_gguf`] with the matmul weights (layers, embedding, LM head) as `ty` and the norms f32, as llama.cpp's
+/// quantized files store them. Returns the per-tensor fallbacks taken.
+pub(super) fn write_llama(
+    model: &MorModel,
+    tokenizer: Option<&Tokenizer>,
+    ty: QuantType,
+    path: &Path,
+) -> Result<Vec<String>> {
     let cfg = model.config();
     if cfg.recursion.is_some() || cfg.mor.is_some() {
         return Err(MorError::Config(format!(
@@ -34,8 +47,14 @@ pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path)
             .ok_or_else(|| MorError::Config(format!("model has no parameter {name}")))
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut notes = Vec::new();
     let mut push = |name: String, t: Tensor| -> Result<()> {
-        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
+        let q = if t.rank() == 2 {
+            quantize_weight(&name, &t, ty, &mut notes)?
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32)?
+        };
+        tensors.push((name, q));
         Ok(())
     };
     push(
@@ -91,17 +110,46 @@ pub fn export_gguf(model: &MorModel, tokenizer: Option<&Tokenizer>, path: &Path)
             Value::F32(cfg.rms_norm_eps as f32),
         ),
         ("llama.vocab_size".into(), u32v(cfg.vocab_size)),
-        ("general.file_type".into(), Value::U32(0)),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
     ];
+    meta.extend(config_metadata(model, ty)?);
     if let Some(tok) = tokenizer {
         meta.extend(tokenizer_metadata(tok, cfg)?);
     }
-    let file = File::create(path).map_err(|e| MorError::io(path, e))?;
-    let mut w = BufWriter::new(file);
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut w, &meta_refs, &tensor_refs)
-        .map_err(|e| MorError::checkpoint(path, format!("writing GGUF: {e}")))?;
-    use std::io::Write;
-    w.flush().map_err(|e| MorError::io(path, e))
+    write_gguf(path, &meta, &tensors)?;
+    Ok(notes)
+}
+
+/// Write a GGUF file atomically: to a temporary file beside `path`, flushed and synced, then renamed over `path`.
+/// On any error the temporary file is removed and `path` is left as it was.
+pub(super) fn write_gguf(
+    path: &Path,
+    meta: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| MorError::Config(format!("{}: not a file path", path.display())))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> Result<()> {
+        let file = File::create(&tmp).map_err(|e| MorError::io(&tmp, e))?;
+        let mut w = BufWriter::new(file);
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+            .map_err(|e| MorError::checkpoint(path, format!("writing GGUF: {e}")))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| MorError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| MorError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| MorError::io(path, e))
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

@@ -1,4 +1,5 @@
-//! GGUF (llama.cpp) import and export of vanilla Llama models.
+//! GGUF (llama.cpp) import and export of vanilla Llama models, and mor's own GGUF architecture for every variant
+//! (`mor.rs`, docs/gguf.md).
 //!
 //! Import reads the `llama.*` metadata into a [`ModelConfig`], dequantizes every tensor to f32 (candle handles
 //! F32/F16/BF16 and the Q4/Q5/Q8/K quantizations), renames llama.cpp tensors to the Hugging Face names mor uses,
@@ -13,16 +14,19 @@
 //!
 //! Files: this module reads the header, config and tensors; `tokenizer.rs` rebuilds the tokenizer from
 //! `tokenizer.ggml.*` (and writes it back); `export.rs` writes GGUF files; `quantized.rs` gives the engine the stored
-//! quantized weights.
+//! quantized weights; `mor.rs` quantizes any mor model into mor's architecture (vanilla ones into `llama`) and reads
+//! it back.
 //!
 //! Export ([`export_gguf`]) writes a vanilla model as an F32 GGUF with the same conventions (and, if given, the
 //! tokenizer), so llama.cpp-family tools can read mor checkpoints.
 
 mod export;
+mod mor;
 mod quantized;
 mod tokenizer;
 
 pub use export::export_gguf;
+pub use mor::{quantize_gguf, quantize_model, QuantType, QuantizedModel};
 pub use quantized::{QuantizedLayer, QuantizedWeights};
 
 use std::collections::HashMap;
@@ -80,7 +84,10 @@ impl GgufFile {
         let content = Content::read(&mut reader).map_err(|e| {
             MorError::checkpoint(
                 path,
-                format!("not a readable GGUF file (truncated or corrupt header?): {e}"),
+                format!(
+                    "not a readable GGUF file (truncated or corrupt header?): {}",
+                    first_line(&e)
+                ),
             )
         })?;
         let mut infos: Vec<(&String, &gguf_file::TensorInfo)> =
@@ -211,14 +218,26 @@ impl GgufFile {
             .map(|i| i.shape.dims().to_vec())
     }
 
-    /// The model configuration from the `llama.*` metadata (a vanilla model: no recursion, no routing).
+    /// The model configuration: from the `llama.*` metadata (a vanilla model) or from the `mor.config.*` keys of
+    /// mor's architecture (any variant).
     pub fn config(&self) -> Result<ModelConfig> {
-        let arch = self.string("general.architecture")?;
-        if arch != "llama" {
-            return Err(self.err(format!(
-                "general.architecture = {arch:?}: only llama models are supported"
-            )));
+        match self.architecture()? {
+            // Vanilla files written by mor carry the exact config too (llama.cpp ignores it).
+            "llama" if self.has_mor_config() => self.mor_config(),
+            "llama" => self.llama_config(),
+            mor::ARCH => self.mor_config(),
+            arch => Err(self.err(format!(
+                "general.architecture = {arch:?}: only llama and mor models are supported"
+            ))),
         }
+    }
+
+    /// Whether the file carries a tokenizer (`tokenizer.ggml.model`).
+    pub fn has_tokenizer(&self) -> bool {
+        self.content.metadata.contains_key("tokenizer.ggml.model")
+    }
+
+    fn llama_config(&self) -> Result<ModelConfig> {
         let n = |k: &str| -> Result<usize> { Ok(self.uint(&format!("llama.{k}"))? as usize) };
         let d = n("embedding_length")?;
         let heads = n("attention.head_count")?;
@@ -303,7 +322,10 @@ impl GgufFile {
             .map_err(|e| {
                 MorError::checkpoint(
                     &self.path,
-                    format!("tensor {name}: cannot dequantize {dtype:?}: {e}"),
+                    format!(
+                        "tensor {name}: cannot dequantize {dtype:?}: {}",
+                        first_line(&e)
+                    ),
                 )
             })
     }
@@ -469,17 +491,30 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| MorError::checkpoint(&self.path, format!("reading tensor {name}: {e}")))
+            .map_err(|e| {
+                MorError::checkpoint(
+                    &self.path,
+                    format!("reading tensor {name}: {}", first_line(&e)),
+                )
+            })
     }
 
-    /// The vanilla model stored in the file (all weights dequantized to f32).
+    /// The model stored in the file, all weights dequantized to f32.
     pub fn model(&mut self, device: &Device) -> Result<MorModel> {
         self.model_as(device, DType::F32)
     }
 
-    /// The vanilla model stored in the file with its weights in `dtype` (f32, or bf16 for the engine's bf16 path),
-    /// converted tensor by tensor as they are read.
+    /// The model stored in the file with its weights in `dtype` (f32, or bf16 for the engine's bf16 path); a
+    /// llama-architecture file is converted tensor by tensor as it is read.
     pub fn model_as(&mut self, device: &Device, dtype: DType) -> Result<MorModel> {
+        if self.architecture()? == mor::ARCH {
+            let m = self.mor_model(device)?;
+            return if dtype == DType::F32 {
+                Ok(m)
+            } else {
+                m.to_dtype(dtype)
+            };
+        }
         let cfg = self.config()?;
         let store = self.params_as(&cfg, device, dtype)?;
         MorModel::from_params(&cfg, store).map_err(|e| match e {
@@ -487,6 +522,12 @@ impl GgufFile {
             other => other,
         })
     }
+}
+
+/// The first line of a candle error (its message, without the backtrace candle appends when `RUST_BACKTRACE` is
+/// set), so file errors stay one line.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 fn value_as_u64(v: &Value) -> Option<u64> {

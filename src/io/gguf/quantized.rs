@@ -16,12 +16,16 @@ use crate::model::params::ParamStore;
 use crate::model::MorModel;
 
 impl GgufFile {
-    /// The model for quantized inference: its config, norms and RoPE from the file, and its matmul weights (with
+    /// The model for quantized inference (any variant in mor's architecture, vanilla in `llama`'s): its config,
+    /// norms, routers and RoPE from the file, and its matmul weights (with
     /// the token embedding) as stored, for [`CachedModel::quantized`](crate::engine::CachedModel::quantized). The
     /// returned [`MorModel`]'s own matmul weights and embedding are zero placeholders that occupy no memory (see
     /// [`ParamStore::insert_placeholder`]): it is only a frame for that engine, which never reads them, so the process
     /// holds the quantized weights alone.
     pub fn quantized_model(&mut self) -> Result<(MorModel, QuantizedWeights)> {
+        if self.architecture()? == super::mor::ARCH {
+            return self.mor_quantized_model();
+        }
         let cfg = self.config()?;
         let weights = self.quantized_weights(&cfg)?;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -148,11 +152,11 @@ pub struct QuantizedLayer {
     pub down: QMatrix,
 }
 
-/// Every matmul weight of a vanilla GGUF model kept in its stored format (e.g. Q4_1), for the engine's quantized
-/// kernels.
+/// Every matmul weight of a model kept in its stored format (e.g. Q4_1), for the engine's quantized kernels.
 #[derive(Debug)]
 pub struct QuantizedWeights {
-    /// One entry per layer.
+    /// One entry per unique layer, in [`Layout::unique_layers`](crate::config::layout::Layout::unique_layers) order
+    /// (every layer of a vanilla model); unrolled layers sharing weights share these blocks.
     pub layers: Vec<QuantizedLayer>,
     /// The token embedding [vocab, d] (rows are dequantized on lookup).
     pub embed: Arc<QMatrix>,
@@ -161,6 +165,21 @@ pub struct QuantizedWeights {
 }
 
 impl QuantizedWeights {
+    /// Bytes held by the stored weights (a tied head counted once).
+    pub fn bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .sum();
+        let head = if Arc::ptr_eq(&self.embed, &self.head) {
+            0
+        } else {
+            self.head.bytes()
+        };
+        layers + self.embed.bytes() + head
+    }
+
     /// The stored formats, most frequent (by bytes) first, e.g. "Q4_1" or "Q5_0+Q6_K+Q4_K".
     pub fn formats(&self) -> String {
         let mut by: Vec<(crate::engine::quant::QFormat, usize)> = Vec::new();
