@@ -271,3 +271,22 @@ fn flops_and_bad_configs() {
         "empty",
     );
 }
+
+#[test]
+fn bench_serve_refuses_an_unreachable_url_or_pid_before_running() {
+    fails_with(
+        &["bench", "serve", "--url", "notaurl", "--clients", "1"],
+        "--url notaurl: not an http:// or https:// URL with a host",
+    );
+    fails_with(
+        &[
+            "bench",
+            "serve",
+            "--url",
+            "http://127.0.0.1:1",
+            "--server-pid",
+            "4000000000",
+        ],
+        "--server-pid 4000000000: no such process",
+    );
+}

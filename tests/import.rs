@@ -260,20 +260,15 @@ fn float_files_load_into_f32_and_bf16_exactly() {
                 let want = want.to_dtype(DType::F32).unwrap().to_dtype(dtype).unwrap();
                 let got = m.params().get(name).unwrap().as_tensor();
                 assert_eq!(got.dtype(), dtype, "{name}");
-                let (a, b) = (
-                    want.to_dtype(DType::F32)
+                let values = |t: &Tensor| -> Vec<f32> {
+                    t.to_dtype(DType::F32)
                         .unwrap()
                         .flatten_all()
                         .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                    got.to_dtype(DType::F32)
+                        .to_vec1()
                         .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                );
+                };
+                let (a, b) = (values(&want), values(got));
                 assert_eq!(a, b, "{stored:?} as {dtype:?}: {name}");
             }
         }

@@ -301,6 +301,16 @@ pub fn run_bench_serve(a: &ServeBenchArgs) -> Result<()> {
         ..Default::default()
     };
     if let Some(url) = &a.url {
+        // Refuse what no request could reach before the run, rather than reporting it as failed requests.
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => bail!("--url {url}: not an http:// or https:// URL with a host"),
+        }
+        if let Some(pid) = a.server_pid {
+            if !std::path::Path::new(&format!("/proc/{pid}/status")).exists() {
+                bail!("--server-pid {pid}: no such process");
+            }
+        }
         servers.push((url.clone(), None));
     } else if let Some(v) = &a.variants {
         for label in v.split(',').map(str::trim) {

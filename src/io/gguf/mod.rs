@@ -421,9 +421,8 @@ impl GgufFile {
     fn read_float(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Option<Var>> {
         use candle_core::quantized::GgmlDType as G;
         use std::io::{Read, Seek, SeekFrom};
-        let Some(info) = self.content.tensor_infos.get(name) else {
-            return Err(self.err(format!("missing tensor {name}")));
-        };
+        self.check_shape(name, shape)?;
+        let info = &self.content.tensor_infos[name];
         let (stored, width) = match info.ggml_dtype {
             G::F32 => (G::F32, 4),
             G::F16 => (G::F16, 2),
@@ -432,12 +431,6 @@ impl GgufFile {
         };
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Ok(None);
-        }
-        let dims = self.dims(name).unwrap_or_default();
-        if dims != shape {
-            return Err(self.err(format!(
-                "tensor {name}: expected shape {shape:?}, found {dims:?}"
-            )));
         }
         let n: usize = shape.iter().product();
         let start = self.content.tensor_data_offset + info.offset;
@@ -479,8 +472,8 @@ impl GgufFile {
         Ok(Some(v))
     }
 
-    /// Read tensor `name` as stored (quantized or not), checking its shape (HF [out, in] order) against `shape`.
-    fn tensor_raw(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
+    /// Check that tensor `name` exists with `shape` (HF [out, in] order).
+    fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
         let dims = self
             .dims(name)
             .ok_or_else(|| self.err(format!("missing tensor {name}")))?;
@@ -489,6 +482,12 @@ impl GgufFile {
                 "tensor {name}: expected shape {shape:?}, found {dims:?}"
             )));
         }
+        Ok(())
+    }
+
+    /// Read tensor `name` as stored (quantized or not), checking its shape (HF [out, in] order) against `shape`.
+    fn tensor_raw(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
+        self.check_shape(name, shape)?;
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| {
