@@ -40,7 +40,7 @@ if [[ -z "$CMAKE" ]]; then
     CMAKE="$PEER/venv/bin/cmake"
 fi
 
-TOOLS=(llama-bench llama-batched-bench llama-server llama-quantize llama-simple)
+TOOLS=(llama-bench llama-batched-bench llama-server llama-quantize llama-simple llama-perplexity)
 missing=0
 for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || missing=1; done
 if [[ $missing == 1 ]]; then

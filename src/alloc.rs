@@ -68,6 +68,51 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// While alive, memory the process frees goes back to the OS at once; when the last one alive is dropped, what is
+/// still held is collected and the setting from before the first one is restored (normally [`keep_freed_memory`]).
+/// For loading a model for inference: the file's raw tensors, metadata and the tokenizer's conversion are freed once
+/// the engine holds its weights, and kept mapped they would stay in the resident set for the life of the process
+/// (mimalloc never revisits memory freed while purging was off).
+pub struct ReturnFreedMemory(());
+
+/// Guards alive and the purge delay from before the first of them (the allocator option is process-wide, so
+/// overlapping guards on several threads share one save and restore).
+static RETURNING: std::sync::Mutex<(usize, std::os::raw::c_long)> = std::sync::Mutex::new((0, 0));
+
+impl ReturnFreedMemory {
+    /// Start returning freed memory to the OS.
+    pub fn new() -> Self {
+        let mut g = RETURNING.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 == 0 {
+            // SAFETY: reads and sets a process-wide allocator option; valid at any time.
+            g.1 = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+            // SAFETY: as above.
+            unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+        }
+        g.0 += 1;
+        ReturnFreedMemory(())
+    }
+}
+
+impl Default for ReturnFreedMemory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ReturnFreedMemory {
+    fn drop(&mut self) {
+        let mut g = RETURNING.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `mi_collect` frees the empty pages of this thread's heap (purged at once while the delay is 0).
+        unsafe { libmimalloc_sys::mi_collect(true) };
+        g.0 -= 1;
+        if g.0 == 0 {
+            // SAFETY: sets a process-wide allocator option; valid at any time.
+            unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, g.1) };
+        }
+    }
+}
+
 /// A vector of `n` copies of `T::default()` written into reused memory. `vec![0; n]` asks the allocator for zeroed
 /// memory, which mimalloc serves from fresh OS pages rather than from freed (dirty) ones, so a hot loop of such
 /// buffers keeps faulting in and clearing new pages and grows the resident set (measured on the quantized
@@ -91,4 +136,28 @@ pub fn peak_bytes() -> usize {
 /// Start a new peak measurement from the current level.
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purge_delay() -> std::os::raw::c_long {
+        // SAFETY: reads a process-wide allocator option.
+        unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+    }
+
+    // The only test in this crate's unit tests that creates these guards (nothing here loads a model), so no other
+    // guard changes the option meanwhile.
+    #[test]
+    fn overlapping_guards_restore_the_setting_from_before_the_first() {
+        keep_freed_memory();
+        let a = ReturnFreedMemory::new();
+        assert_eq!(purge_delay(), 0);
+        let b = ReturnFreedMemory::new();
+        drop(a);
+        assert_eq!(purge_delay(), 0, "still returning while one guard is alive");
+        drop(b);
+        assert_eq!(purge_delay(), -1);
+    }
 }

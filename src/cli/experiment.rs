@@ -29,8 +29,8 @@ pub struct IsoflopArgs {
     /// [default: 1e12,2e12,4e12].
     #[arg(long, value_delimiter = ',')]
     pub budgets: Option<Vec<f64>>,
-    /// Only the smallest budget (about 15 minutes on 2 idle cores with the defaults). Its runs are the full study's
-    /// first budget, so the full study started later in the same --out skips them.
+    /// Only the smallest budget (5–11 minutes on 2 idle cores with the defaults, by CPU). Its runs are the full
+    /// study's first budget, so the full study started later in the same --out skips them.
     #[arg(long)]
     pub quick: bool,
     /// Variants, comma-separated: vanilla, recursive-N, mor-expert-N, mor-token-N, `+kv` for recursive KV sharing

@@ -202,6 +202,25 @@ mod x86 {
         w[i..].iter().zip(&x[i..]).map(|(&a, b)| f(a) * b).sum()
     }
 
+    /// Prefetch what the next group of four rows reads at offset `i`: row `r + 4` starts `4k` values after row `r`
+    /// when the rows are consecutive in one matrix, as `matmul_rows` walks them. Short rows (k = 576: 1152 bytes in
+    /// bf16) end before the hardware prefetcher has learnt each new row's stream; measured on AMD EPYC with
+    /// AVX-512, bf16 batch-1 decode went from 71 to 128 tokens/s (docs/benchmarks.md). Past the matrix's end the
+    /// hint only wastes a fetch: prefetches never fault, and the address is formed with wrapping arithmetic, never
+    /// dereferenced.
+    #[inline(always)]
+    fn prefetch_next_group<T>(rows: &[&[T]; 4], i: usize, k: usize) {
+        for row in rows {
+            // SAFETY: a prefetch hint never faults and reads nothing the program observes.
+            unsafe {
+                _mm_prefetch(
+                    row.as_ptr().wrapping_add(i + 4 * k).cast::<i8>(),
+                    _MM_HINT_T0,
+                )
+            };
+        }
+    }
+
     /// # Safety
     /// The CPU has AVX-512F; every row holds `x.len()` values.
     #[target_feature(enable = "avx512f")]
@@ -210,6 +229,7 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         while i + 16 <= k {
+            prefetch_next_group(&rows, i, k);
             // SAFETY (caller): i + 16 ≤ k values in x and in every row.
             unsafe {
                 let xv = _mm512_loadu_ps(x.as_ptr().add(i));
@@ -230,6 +250,7 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         while i + 16 <= k {
+            prefetch_next_group(&rows, i, k);
             // SAFETY (caller): i + 16 ≤ k values in x and in every row; bf16 is a u16 whose bits, shifted up by
             // 16, are the f32 of the same value.
             unsafe {

@@ -98,6 +98,9 @@ impl ModelSource {
 /// Load the model at `path` (see [`ModelSource::resolve`]) on the CPU.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let source = ModelSource::resolve(path)?;
+    // What loading frees (raw tensors, metadata, tokenizer conversion) must not stay resident beside an inference
+    // model; training keeps the allocator's reuse of freed memory throughout.
+    let _release = (!opts.trainable).then(crate::alloc::ReturnFreedMemory::new);
     let dev = Device::Cpu;
     let (model, own_tokenizer, quantized) = match &source {
         ModelSource::Gguf(p) => {
@@ -154,6 +157,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             model = model.to_dtype(dtype)?;
         }
     }
+    tracing::debug!(
+        "loaded {}: {} MiB allocated",
+        source.path().display(),
+        crate::alloc::current_bytes() >> 20
+    );
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -57,8 +57,8 @@ pub const DEFAULT_VARIANTS: [&str; 5] = [
     "mor-expert-3+kv",
     "mor-token-3",
 ];
-/// Budgets of the full study in forward FLOPs (paper convention), sized for about two hours on 2 cores
-/// (docs/isoflop.md); the first is the `--quick` study.
+/// Budgets of the full study in forward FLOPs (paper convention): measured 36 min on 2 cores of an AVX-512 EPYC,
+/// about twice that on an AVX2 one (docs/isoflop.md); the first is the `--quick` study.
 pub const DEFAULT_BUDGETS: [f64; 3] = [1e12, 2e12, 4e12];
 
 /// The engine workload used to measure each trained model's decode throughput.
