@@ -20,15 +20,16 @@ pub const MAX_ROWS_BF16: usize = 64;
 type Dot4<T> = fn([&[T]; 4], &[f32]) -> [f32; 4];
 
 /// Four dot products of weight rows with each of two f32 vectors: `[row · x0 for the 4 rows], [row · x1 …]`.
-/// Each loaded (and, for bf16, widened) weight vector serves two activation rows, halving the loads per FMA
-/// where the one-vector kernel is bound by them (AVX2 at batch 16: docs/benchmarks.md).
+/// Each loaded (and, for bf16, widened) weight vector serves two activation rows, halving the loads (and the
+/// widenings) per FMA, which bound the one-vector kernel at batch 16 (docs/benchmarks.md).
 type Dot4x2<T> = fn([&[T]; 4], &[f32], &[f32]) -> [[f32; 4]; 2];
 
 /// A weight element type with its best [`Dot4`] kernel for this CPU.
 pub trait Elem: Copy + Sync + 'static {
     /// The kernel for the CPU this runs on (detected at run time).
     fn dot4() -> Dot4<Self>;
-    /// The two-vector kernel where it is the faster choice for pairs of rows (AVX2 without AVX-512), else `None`.
+    /// The two-vector kernel for pairs of activation rows (AVX-512 or AVX2; measured faster than the one-vector
+    /// kernel on both at batch 16, docs/benchmarks.md), else `None`.
     fn dot4x2() -> Option<Dot4x2<Self>>;
 }
 
@@ -60,6 +61,11 @@ impl Elem for f32 {
 
     fn dot4x2() -> Option<Dot4x2<f32>> {
         #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected; rows, x0 and x1 hold x0.len() values.
+            return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx512(r, x0, x1) });
+        }
+        #[cfg(target_arch = "x86_64")]
         if avx2_only() {
             // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
             return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx2(r, x0, x1) });
@@ -87,6 +93,11 @@ impl Elem for bf16 {
     }
 
     fn dot4x2() -> Option<Dot4x2<bf16>> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected; rows, x0 and x1 hold x0.len() values.
+            return Some(|r, x0, x1| unsafe { x86::dot4x2_bf16_avx512(r, x0, x1) });
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2_only() {
             // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
@@ -264,6 +275,77 @@ mod x86 {
             i += 16;
         }
         std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + tail(rows[r], x, i, bf16::to_f32))
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; every row and `x1` hold `x0.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot4x2_f32_avx512(
+        rows: [&[f32]; 4],
+        x0: &[f32],
+        x1: &[f32],
+    ) -> [[f32; 4]; 2] {
+        let k = x0.len();
+        let (mut a0, mut a1) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+        let mut i = 0;
+        while i + 16 <= k {
+            prefetch_next_group(&rows, i, k);
+            // SAFETY (caller): i + 16 ≤ k values in x0, x1 and every row.
+            unsafe {
+                let (v0, v1) = (
+                    _mm512_loadu_ps(x0.as_ptr().add(i)),
+                    _mm512_loadu_ps(x1.as_ptr().add(i)),
+                );
+                for r in 0..4 {
+                    let w = _mm512_loadu_ps(rows[r].as_ptr().add(i));
+                    a0[r] = _mm512_fmadd_ps(w, v0, a0[r]);
+                    a1[r] = _mm512_fmadd_ps(w, v1, a1[r]);
+                }
+            }
+            i += 16;
+        }
+        [
+            std::array::from_fn(|r| _mm512_reduce_add_ps(a0[r]) + tail(rows[r], x0, i, |w| w)),
+            std::array::from_fn(|r| _mm512_reduce_add_ps(a1[r]) + tail(rows[r], x1, i, |w| w)),
+        ]
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; every row and `x1` hold `x0.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot4x2_bf16_avx512(
+        rows: [&[bf16]; 4],
+        x0: &[f32],
+        x1: &[f32],
+    ) -> [[f32; 4]; 2] {
+        let k = x0.len();
+        let (mut a0, mut a1) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+        let mut i = 0;
+        while i + 16 <= k {
+            prefetch_next_group(&rows, i, k);
+            // SAFETY (caller): i + 16 ≤ k values in x0, x1 and every row; see `dot4_bf16_avx512` for the widening.
+            unsafe {
+                let (v0, v1) = (
+                    _mm512_loadu_ps(x0.as_ptr().add(i)),
+                    _mm512_loadu_ps(x1.as_ptr().add(i)),
+                );
+                for r in 0..4 {
+                    let h = _mm256_loadu_si256(rows[r].as_ptr().add(i).cast());
+                    let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                    a0[r] = _mm512_fmadd_ps(w, v0, a0[r]);
+                    a1[r] = _mm512_fmadd_ps(w, v1, a1[r]);
+                }
+            }
+            i += 16;
+        }
+        [
+            std::array::from_fn(|r| {
+                _mm512_reduce_add_ps(a0[r]) + tail(rows[r], x0, i, bf16::to_f32)
+            }),
+            std::array::from_fn(|r| {
+                _mm512_reduce_add_ps(a1[r]) + tail(rows[r], x1, i, bf16::to_f32)
+            }),
+        ]
     }
 
     /// Horizontal sum of 8 lanes.
