@@ -33,12 +33,10 @@ pub trait Elem: Copy + Sync + 'static {
     fn dot4x2() -> Option<Dot4x2<Self>>;
 }
 
-/// Whether the CPU runs the AVX2 kernels (AVX2 and FMA, no AVX-512F).
+/// Whether the CPU can run the AVX2 kernels (AVX2 and FMA); they are picked where AVX-512F is absent.
 #[cfg(target_arch = "x86_64")]
-fn avx2_only() -> bool {
-    !std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 impl Elem for f32 {
@@ -49,9 +47,7 @@ impl Elem for f32 {
                 // SAFETY: AVX-512F was detected; rows and x hold x.len() values (the wrapper's contract).
                 return |r, x| unsafe { x86::dot4_f32_avx512(r, x) };
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if avx2_fma() {
                 // SAFETY: AVX2 and FMA were detected; rows and x hold x.len() values.
                 return |r, x| unsafe { x86::dot4_f32_avx2(r, x) };
             }
@@ -61,14 +57,15 @@ impl Elem for f32 {
 
     fn dot4x2() -> Option<Dot4x2<f32>> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was detected; rows, x0 and x1 hold x0.len() values.
-            return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx512(r, x0, x1) });
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx2_only() {
-            // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
-            return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx2(r, x0, x1) });
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F was detected; rows, x0 and x1 hold x0.len() values.
+                return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx512(r, x0, x1) });
+            }
+            if avx2_fma() {
+                // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
+                return Some(|r, x0, x1| unsafe { x86::dot4x2_f32_avx2(r, x0, x1) });
+            }
         }
         None
     }
@@ -82,9 +79,7 @@ impl Elem for bf16 {
                 // SAFETY: AVX-512F was detected; rows and x hold x.len() values.
                 return |r, x| unsafe { x86::dot4_bf16_avx512(r, x) };
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if avx2_fma() {
                 // SAFETY: AVX2 and FMA were detected; rows and x hold x.len() values.
                 return |r, x| unsafe { x86::dot4_bf16_avx2(r, x) };
             }
@@ -94,14 +89,15 @@ impl Elem for bf16 {
 
     fn dot4x2() -> Option<Dot4x2<bf16>> {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was detected; rows, x0 and x1 hold x0.len() values.
-            return Some(|r, x0, x1| unsafe { x86::dot4x2_bf16_avx512(r, x0, x1) });
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx2_only() {
-            // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
-            return Some(|r, x0, x1| unsafe { x86::dot4x2_bf16_avx2(r, x0, x1) });
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F was detected; rows, x0 and x1 hold x0.len() values.
+                return Some(|r, x0, x1| unsafe { x86::dot4x2_bf16_avx512(r, x0, x1) });
+            }
+            if avx2_fma() {
+                // SAFETY: AVX2 and FMA were detected; rows, x0 and x1 hold x0.len() values.
+                return Some(|r, x0, x1| unsafe { x86::dot4x2_bf16_avx2(r, x0, x1) });
+            }
         }
         None
     }
