@@ -209,11 +209,13 @@ fn cached_prefill_and_decode_match_the_full_causal_forward() -> Result<()> {
     Ok(())
 }
 
-/// bf16 weights (`MorModel::to_dtype`): the engine keeps them as stored (widened to f32 in registers, no f32 copy)
-/// and computes in f32, rounding only the hidden state between layers to the model's dtype. Against the f32
-/// forward of the same (bf16-valued) weights it stays within bf16 precision and at least as close as the bf16
-/// model's own forward, which rounds every intermediate. Unrouted variants only: a router's decision near its
-/// threshold may flip under different rounding, which says nothing about the kernels.
+/// bf16 weights (`MorModel::to_dtype`): the engine keeps them as stored (no f32 copy) and computes in f32, rounding
+/// the hidden state between layers to the model's dtype. Without AVX512-BF16 the weights are widened in registers
+/// and the activations stay f32: against the f32 forward of the same (bf16-valued) weights the engine stays within
+/// 0.1 and at least as close as the bf16 model's own forward, which rounds every intermediate. With it, every
+/// matmul also rounds its activations to bf16 (`engine::gemm_bf16`, as llama.cpp does): then within 0.25 and
+/// 1.25× the bf16 forward's error (measured 0.07–0.17 against its 0.12–0.19). Unrouted variants only: a router's
+/// decision near its threshold may flip under different rounding, which says nothing about the kernels.
 #[test]
 fn bf16_weights_run_as_stored_within_bf16_precision() -> Result<()> {
     let mut failures = Vec::new();
@@ -227,7 +229,12 @@ fn bf16_weights_run_as_stored_within_bf16_precision() -> Result<()> {
         let (engine, _) = cached_vs_full(&bf16, &truth, 100 + i as u64)?;
         let (forward, _) = cached_vs_full(&truth, &bf16, 100 + i as u64)?;
         println!("{label:45} max |Δlogit| to f32: engine {engine:.2e}, bf16 forward {forward:.2e}");
-        if engine.is_nan() || engine >= 0.1 || engine > forward {
+        let (bound, ratio) = if mor::engine::gemm_bf16::available() {
+            (0.25, 1.25)
+        } else {
+            (0.1, 1.0)
+        };
+        if engine.is_nan() || engine >= bound || engine > ratio * forward {
             failures.push(format!("{label}: engine {engine}, bf16 forward {forward}"));
         }
     }

@@ -4,7 +4,7 @@
 
 use crate::engine::cache::LayerKv;
 use crate::engine::dense::SyncPtr;
-use crate::engine::kernels::{dot, num_threads};
+use crate::engine::kernels::{dot, num_threads, softmax_rows};
 
 /// Attention of query rows `q` ([n, ·] with stride `q_stride`, the first H·hd of each row are the rotated queries) each over its own cache (`items[i]`: the cache and the query's
 /// position; entries at positions ≤ it are visible). GQA: query head h reads key head h / (H / kv) (HF repeat_kv).
@@ -41,16 +41,19 @@ pub(crate) fn attend(
         attend_rows(q, q_stride, items, &mut out, nh, nkv, hd);
         return out;
     }
-    let per = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        for ((qc, ic), oc) in q
-            .chunks(per * q_stride)
-            .zip(items.chunks(per))
-            .zip(out.chunks_mut(per * nh * hd))
-        {
-            s.spawn(move || attend_rows(qc, q_stride, ic, oc, nh, nkv, hd));
-        }
-    });
+    // On the engine's pool, ~4 chunks of rows per thread (rows differ in context length).
+    let per = n.div_ceil(4 * threads);
+    let dst = SyncPtr(out.as_mut_ptr());
+    let job = |c: usize| {
+        let (a, b) = (c * per, ((c + 1) * per).min(n));
+        // SAFETY: rows a..b of out (nh·hd values each, inside out's n rows) are written by this chunk only, and
+        // out outlives the job.
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(dst.get().add(a * nh * hd), (b - a) * nh * hd)
+        };
+        attend_rows(&q[a * q_stride..], q_stride, &items[a..b], o, nh, nkv, hd);
+    };
+    crate::engine::pool::run(n.div_ceil(per), &job);
     out
 }
 
@@ -69,10 +72,14 @@ fn same_sequence_runs(items: &[(&LayerKv, u32)]) -> Vec<std::ops::Range<usize>> 
     runs
 }
 
-/// Attention of a run of rows of one sequence (positions increasing) over its cache, one query head at a time as
-/// two GEMMs: S = Q_h K_gᵀ · scale over every entry the last row sees, the causal part of each row's softmax, then
-/// P V_g. Computing the full rectangle wastes the masked half, but a GEMM is an order of magnitude faster than the
-/// row loop (prefill profile, docs/benchmarks.md). Heads run in parallel on the engine's pool.
+/// Rows per job of [`attend_block`]: each job computes the scores only up to the last key its last row sees.
+const BLOCK_ROWS: usize = 64;
+
+/// Attention of a run of rows of one sequence (positions increasing) over its cache as two GEMMs per query head
+/// and chunk of [`BLOCK_ROWS`] rows: S = Q_h K_gᵀ · scale over the entries the chunk's last row sees, the causal part
+/// of each row's softmax, then P V_g. A GEMM is an order of magnitude faster than the row loop (prefill profile,
+/// docs/benchmarks.md); chunking skips most of the masked half of a prompt's scores and gives the engine's pool
+/// heads × chunks jobs to balance instead of one per head.
 fn attend_block(
     q: &[f32],
     q_stride: usize,
@@ -83,28 +90,30 @@ fn attend_block(
     hd: usize,
 ) {
     let (cache, n) = (items[0].0, items.len());
-    let m = cache.visible(items[n - 1].1);
     let visible: Vec<usize> = items.iter().map(|(c, p)| c.visible(*p)).collect();
     let (rep, row, ow) = (nh / nkv, nkv * hd, nh * hd);
     let scale = 1.0 / (hd as f32).sqrt();
     let dst = SyncPtr(out.as_mut_ptr());
-    let head = |h: usize| {
-        let g = h / rep;
-        let mut s = crate::alloc::filled_vec(n * m);
-        // SAFETY: every operand lies inside its slice: Q_h is n rows of hd at stride q_stride from h·hd in q
-        // (q holds n rows of q_stride ≥ nh·hd); K_g and V_g are m rows of hd at stride nkv·hd from g·hd in the
-        // cache (m entries); S is n × m; the output head h is n rows of hd at stride nh·hd in out, written by
-        // this head only.
+    let chunks = n.div_ceil(BLOCK_ROWS);
+    let job = |j: usize| {
+        let (h, c) = (j / chunks, j % chunks);
+        let (r0, r1) = (c * BLOCK_ROWS, ((c + 1) * BLOCK_ROWS).min(n));
+        let (g, rows, m) = (h / rep, r1 - r0, visible[r1 - 1]);
+        let mut s = crate::alloc::filled_vec(rows * m);
+        // SAFETY: every operand lies inside its slice: Q_h is rows r0..r1 of hd at stride q_stride from h·hd in q
+        // (q holds n rows of q_stride ≥ nh·hd); K_g and V_g are m ≤ the cache's entries, rows of hd at stride
+        // nkv·hd from g·hd; S is rows × m; the output is rows r0..r1 of head h (hd at stride nh·hd) in out,
+        // written by this job only.
         unsafe {
             gemm::gemm(
-                n,
+                rows,
                 m,
                 hd,
                 s.as_mut_ptr(),
                 1,
                 m as isize,
                 false,
-                q.as_ptr().add(h * hd),
+                q.as_ptr().add(r0 * q_stride + h * hd),
                 1,
                 q_stride as isize,
                 cache.k.as_ptr().add(g * hd),
@@ -118,24 +127,14 @@ fn attend_block(
                 gemm::Parallelism::None,
             );
         }
-        for (i, r) in s.chunks_exact_mut(m).enumerate() {
-            let (live, dead) = r.split_at_mut(visible[i]);
-            let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in live.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            live.iter_mut().for_each(|v| *v /= sum);
-            dead.fill(0.0);
-        }
+        softmax_rows(&mut s, m, &visible[r0..r1]);
         // SAFETY: as above.
         unsafe {
             gemm::gemm(
-                n,
+                rows,
                 hd,
                 m,
-                dst.get().add(h * hd),
+                dst.get().add(r0 * ow + h * hd),
                 1,
                 ow as isize,
                 false,
@@ -154,7 +153,7 @@ fn attend_block(
             );
         }
     };
-    crate::engine::pool::run(nh, &head);
+    crate::engine::pool::run(nh * chunks, &job);
 }
 
 fn attend_rows(
@@ -170,6 +169,7 @@ fn attend_rows(
     let scale = 1.0 / (hd as f32).sqrt();
     let row = nkv * hd;
     let mut scores: Vec<f32> = Vec::new();
+    let all = vec![usize::MAX; nh];
     for (i, (cache, p)) in items.iter().enumerate() {
         let m = cache.visible(*p);
         let qi = &q[i * q_stride..i * q_stride + nh * hd];
@@ -184,19 +184,7 @@ fn attend_rows(
                     dot(&qi[h * hd..(h + 1) * hd], &kj[g * hd..(g + 1) * hd]) * scale;
             }
         }
-        for h in 0..nh {
-            let s = &mut scores[h * m..(h + 1) * m];
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in s.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            for v in s.iter_mut() {
-                *v *= inv;
-            }
-        }
+        softmax_rows(&mut scores, m, &all);
         for j in 0..m {
             let vj = &cache.v[j * row..(j + 1) * row];
             for h in 0..nh {

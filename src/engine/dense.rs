@@ -128,17 +128,7 @@ pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
     let m: usize = rows.iter().sum();
     let mut y = crate::alloc::filled_vec(n * m);
     let out = SyncPtr(y.as_mut_ptr());
-    // Chunks of whole 4-row groups inside one block, ~4 per thread so a descheduled worker delays only a quarter of
-    // its share: (block, first row, end row, first output column).
-    let per = (m / (4 * pool::threads())).max(16).next_multiple_of(4);
-    let mut chunks = Vec::new();
-    let mut col = 0;
-    for (b, &mb) in rows.iter().enumerate() {
-        for r0 in (0..mb).step_by(per) {
-            chunks.push((b, r0, (r0 + per).min(mb), col + r0));
-        }
-        col += mb;
-    }
+    let chunks = row_chunks(&rows);
     let (dot4, dot4x2) = (T::dot4(), T::dot4x2());
     let job = |c: usize| {
         let (b, r0, r1, c0) = chunks[c];
@@ -172,6 +162,23 @@ pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
     };
     pool::run(chunks.len(), &job);
     y
+}
+
+/// The pool's chunks of a matmul over stacked weight blocks of `rows[b]` rows each: whole 4-row groups inside one
+/// block, ~4 chunks per thread so a descheduled worker delays only a quarter of its share. Each is (block, first
+/// row, end row, first output column).
+pub(crate) fn row_chunks(rows: &[usize]) -> Vec<(usize, usize, usize, usize)> {
+    let m: usize = rows.iter().sum();
+    let per = (m / (4 * pool::threads())).max(16).next_multiple_of(4);
+    let mut chunks = Vec::new();
+    let mut col = 0;
+    for (b, &mb) in rows.iter().enumerate() {
+        for r0 in (0..mb).step_by(per) {
+            chunks.push((b, r0, (r0 + per).min(mb), col + r0));
+        }
+        col += mb;
+    }
+    chunks
 }
 
 /// [`Dot4`] in portable code (8 lanes so the compiler can vectorise), widening each weight with `f`.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::engine::dense;
 use crate::engine::quant::QMatrix;
+use crate::engine::{dense, gemm_bf16};
 use crate::error::{MorError, Result};
 
 /// A matmul weight of the engine.
@@ -15,7 +15,7 @@ use crate::error::{MorError, Result};
 pub(crate) enum Weight {
     /// f32 or bf16 row blocks stacked along the output dimension (each [out_i, in], contiguous): the model's own
     /// tensors, so a fused projection (q/k/v, gate/up) costs no copy. Few rows run [`dense::matmul_rows`] over the
-    /// blocks, more run candle's f32 GEMM per block.
+    /// blocks, more run [`gemm_bf16::matmul`] (bf16 blocks, where the CPU has AVX512-BF16) or candle's f32 GEMM.
     Dense(Vec<Tensor>),
     /// A GGUF tensor in its stored format, [out, in], multiplied by the engine's quantized kernels (the activations
     /// are quantized to 8 bits, as llama.cpp does); prefill-sized batches widen it to f32 for the call instead.
@@ -46,6 +46,17 @@ pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>>
             // over the weights costs ~1/n of the GEMM, less than the per-block float work of the integer kernels
             // (measured; docs/benchmarks.md).
             let (m, cols) = (q.rows(), q.cols());
+            if gemm_bf16::available() {
+                // With the CPU's bf16 dot products: weights widened only to bf16 (an error of 2⁻⁹ per weight at
+                // most, below the 8-bit activations' of the integer path), twice the f32 GEMM's rate.
+                let mut wb = crate::alloc::filled_vec(m * cols);
+                let mut row = vec![0f32; cols];
+                for (r, out) in wb.chunks_exact_mut(cols).enumerate() {
+                    q.dequantize_row(r, &mut row);
+                    gemm_bf16::round_to_bf16(&row, out);
+                }
+                return Ok(gemm_bf16::matmul(&[&wb], &x, n));
+            }
             let mut w = crate::alloc::filled_vec(m * cols);
             for (r, row) in w.chunks_exact_mut(cols).enumerate() {
                 q.dequantize_row(r, row);
@@ -60,12 +71,14 @@ pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>>
         Weight::Quantized(q) => Ok(q.matmul(&x, n)),
         Weight::Dense(blocks) => {
             let bf16 = blocks.iter().any(|b| b.dtype() == DType::BF16);
-            // bf16 blocks would be widened to f32 for every GEMM call: their own kernel pays off to more rows.
+            // bf16 blocks would be widened to f32 for every GEMM call: their own kernels pay off to more rows,
+            // and with the CPU's bf16 dot products at every size from gemm_bf16::MIN_ROWS.
             if n <= if bf16 {
                 dense::MAX_ROWS_BF16
             } else {
                 dense::MAX_ROWS
-            } {
+            } || (bf16 && gemm_bf16::available())
+            {
                 return dense_rows(blocks, &x, n);
             }
             let x = Tensor::from_vec(x, (n, k), blocks[0].device())?;
@@ -96,11 +109,138 @@ fn dense_rows(blocks: &[Tensor], x: &[f32], n: usize) -> Result<Vec<f32>> {
     }
     match (f32s.is_empty(), bf16s.is_empty()) {
         (false, true) => Ok(dense::matmul_rows(&f32s, x, n)),
+        (true, false) if gemm_bf16::available() => Ok(if n >= gemm_bf16::MIN_ROWS {
+            gemm_bf16::matmul(&bf16s, x, n)
+        } else {
+            // gemm_bf16's arithmetic (activations rounded to bf16, whose products with bf16 weights are exact in
+            // f32) on the row kernels, which stream the weights faster at 1–3 rows: a sequence's logits do not
+            // depend on the size of the batch it runs in, beyond the order of summation.
+            dense::matmul_rows(&bf16s, &gemm_bf16::rounded(x), n)
+        }),
         (true, false) => Ok(dense::matmul_rows(&bf16s, x, n)),
         _ => Err(MorError::Config(
             "a stacked engine weight mixes f32 and bf16 blocks".into(),
         )),
     }
+}
+
+/// An elementwise loop written on plain f32 lanes for the compiler to vectorise, compiled once per vector ISA by
+/// [`vectorised`] (a plain build targets SSE2 only). `run` must be `#[inline(always)]` so that it is compiled inside
+/// the target-feature wrapper.
+trait Lanes {
+    fn run(self);
+}
+
+/// Run `f` compiled for AVX-512 or AVX2 + FMA where the CPU has them (detected at run time), else as it is.
+fn vectorised<F: Lanes>(f: F) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<F: Lanes>(f: F) {
+            f.run()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<F: Lanes>(f: F) {
+            f.run()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected.
+            return unsafe { avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA were detected.
+            return unsafe { avx2(f) };
+        }
+    }
+    f.run()
+}
+
+/// e^x without a libm call, so loops over it vectorise: x = n·ln 2 + r with |r| ≤ ln 2 / 2 (Cody–Waite: ln 2 in
+/// two parts), e^r by Cephes' degree-7 polynomial for `expf`, 2^n through the exponent bits. Within a few ulp of
+/// `f32::exp` (tested); inputs are clamped to [−87.3, 88.3], so e^x of a very negative x is ~1e-38, not 0.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    // 1.5 · 2^23: adding it rounds to an integer (ties to even) held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n = the integer in t's low bits; 2^n as the f32 with exponent n + 127 (n ∈ [−126, 127] after the clamp).
+    // (Wrapping: a NaN input gives NaN, never an overflow panic in a debug build.)
+    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e * f32::from_bits((n.wrapping_add(127) << 23) as u32)
+}
+
+/// Softmax of each `width`-wide row of `v` in place, over its first `live[i]` entries (at most `width`); the rest
+/// are set to 0.
+pub(crate) fn softmax_rows(v: &mut [f32], width: usize, live: &[usize]) {
+    struct Softmax<'a>(&'a mut [f32], usize, &'a [usize]);
+    impl Lanes for Softmax<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let Softmax(v, width, live) = self;
+            for (r, &n) in v.chunks_exact_mut(width).zip(live) {
+                let (r, dead) = r.split_at_mut(n.min(width));
+                dead.fill(0.0);
+                // 16 lanes (no reduction order imposed on the compiler), then the lanes.
+                let mut m = [f32::NEG_INFINITY; 16];
+                let mut c = r.chunks_exact(16);
+                for x in c.by_ref() {
+                    for l in 0..16 {
+                        m[l] = if x[l] > m[l] { x[l] } else { m[l] };
+                    }
+                }
+                let max = c
+                    .remainder()
+                    .iter()
+                    .chain(&m)
+                    .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = [0f32; 16];
+                let mut c = r.chunks_exact_mut(16);
+                for x in c.by_ref() {
+                    for l in 0..16 {
+                        x[l] = exp_f32(x[l] - max);
+                        sum[l] += x[l];
+                    }
+                }
+                let mut total: f32 = sum.iter().sum();
+                for x in c.into_remainder() {
+                    *x = exp_f32(*x - max);
+                    total += *x;
+                }
+                let inv = 1.0 / total;
+                r.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
+    vectorised(Softmax(v, width, live));
+}
+
+/// SwiGLU of rows `[gate | up]` (each 2f wide): silu(gate) · up, as rows of f.
+pub(crate) fn swiglu_rows(gu: &[f32], f: usize) -> Vec<f32> {
+    struct SwiGlu<'a>(&'a [f32], &'a mut [f32], usize);
+    impl Lanes for SwiGlu<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let SwiGlu(gu, out, f) = self;
+            for (r, o) in gu.chunks_exact(2 * f).zip(out.chunks_exact_mut(f)) {
+                let (g, u) = r.split_at(f);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + exp_f32(-g)) * u;
+                }
+            }
+        }
+    }
+    let mut out = crate::alloc::filled_vec(gu.len() / 2);
+    vectorised(SwiGlu(gu, &mut out, f));
+    out
 }
 
 /// Rotate one head vector in place with the cos/sin rows of its position.
@@ -166,4 +306,63 @@ pub fn pin_thread_count() {
 pub fn set_thread_count(n: usize) -> bool {
     std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     crate::engine::pool::set_threads(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = f64::from(x).exp();
+            worst = worst.max(((f64::from(exp_f32(x)) - want) / want).abs());
+        }
+        assert!(
+            worst < 4.0 * f64::from(f32::EPSILON),
+            "relative error {worst}"
+        );
+        assert!(exp_f32(-1e4) < 1e-37 && exp_f32(-1e4) >= 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn softmax_and_swiglu_match_f64() {
+        let (width, live) = (37usize, [37usize, 1, 20, 16]);
+        let v: Vec<f32> = (0..4 * width)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 3.0)
+            .collect();
+        let mut s = v.clone();
+        softmax_rows(&mut s, width, &live);
+        for (i, &n) in live.iter().enumerate() {
+            let r = &v[i * width..i * width + n];
+            let max = r
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &b| a.max(f64::from(b)));
+            let z: f64 = r.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+            for j in 0..width {
+                let want = if j < n {
+                    (f64::from(r[j]) - max).exp() / z
+                } else {
+                    0.0
+                };
+                assert!((f64::from(s[i * width + j]) - want).abs() < 1e-6, "{i} {j}");
+            }
+        }
+        let f = 21;
+        let gu: Vec<f32> = (0..3 * 2 * f)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 3.0)
+            .collect();
+        let act = swiglu_rows(&gu, f);
+        assert_eq!(act.len(), 3 * f);
+        for (a, r) in act.chunks_exact(f).zip(gu.chunks_exact(2 * f)) {
+            for j in 0..f {
+                let (g, u) = (f64::from(r[j]), f64::from(r[f + j]));
+                let want = g / (1.0 + (-g).exp()) * u;
+                assert!((f64::from(a[j]) - want).abs() < 1e-5 * want.abs().max(1.0));
+            }
+        }
+    }
 }

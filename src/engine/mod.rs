@@ -3,8 +3,8 @@
 //!
 //! - [`cache`]: per-sequence, per-layer K/V caches (recursion-wise caching or recursive KV sharing), in bytes.
 //! - [`kernels`]: the f32 row kernels (RMSNorm, RoPE, matmuls); [`attention`]: attention over per-sequence caches.
-//! - [`quant`], [`dense`]: the matmuls themselves, on quantized GGUF blocks (integer SIMD) and on few dense rows;
-//!   [`pool`]: the thread pool they run on.
+//! - [`quant`], [`dense`], [`gemm_bf16`]: the matmuls themselves, on quantized GGUF blocks (integer SIMD), on few
+//!   dense rows, and on bf16 weights with bf16 dot products (prefill); [`pool`]: the thread pool they run on.
 //! - [`step`]: [`CachedModel::step`], prefill and decode over many sequences at once, with the causal routing rule
 //!   of full-sequence causal forwards, so both give the same logits.
 //! - [`pipeline`]: [`CachedModel::pipeline_step`], the paper's asynchronous depth-wise batching: one shared-block
@@ -16,6 +16,7 @@ pub mod attention;
 pub mod batch;
 pub mod cache;
 pub mod dense;
+pub mod gemm_bf16;
 pub mod generate;
 pub mod kernels;
 pub mod pipeline;

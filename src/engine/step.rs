@@ -16,7 +16,9 @@ use candle_core::{DType, Tensor};
 
 use crate::engine::attention::attend;
 use crate::engine::cache::{LayerKv, SeqKv};
-use crate::engine::kernels::{matmul_rows, rms_rows, rope_in_place, to_f32_vec, Weight};
+use crate::engine::kernels::{
+    matmul_rows, rms_rows, rope_in_place, swiglu_rows, to_f32_vec, Weight,
+};
 use crate::engine::quant::QMatrix;
 use crate::error::{MorError, Result};
 use crate::model::{routing, MorModel, Routing};
@@ -572,12 +574,7 @@ impl<'m> CachedModel<'m> {
             *a += b;
         }
         let gu = matmul_rows(rms_rows(&h, &w.norm_post, self.eps), n, &w.gate_up)?;
-        let f = gu.len() / n.max(1) / 2;
-        let mut act = Vec::with_capacity(n * f);
-        for r in gu.chunks_exact(2 * f) {
-            let (g, u) = r.split_at(f);
-            act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
-        }
+        let act = swiglu_rows(&gu, gu.len() / n.max(1) / 2);
         let down = matmul_rows(act, n, &w.down)?;
         for (a, b) in h.iter_mut().zip(&down) {
             *a += b;
