@@ -109,8 +109,6 @@ pub fn bench_model(cm: &CachedModel, opts: &ModelBenchOptions) -> Result<ModelBe
     let mut rng = StdRng::seed_from_u64(0);
     let vocab = cfg.vocab_size as u32;
     let step_opts = StepOptions::default();
-    // One untimed warm-up step (first-touch page faults, thread start-up).
-    cm.step(&mut [&mut cm.new_cache()], &[&[1, 2, 3, 4]], &step_opts)?;
     let mut rows = Vec::new();
     for &b in &opts.batches {
         let mut row = ModelBenchRow {
@@ -118,6 +116,17 @@ pub fn bench_model(cm: &CachedModel, opts: &ModelBenchOptions) -> Result<ModelBe
             pp: Vec::new(),
             tg: Vec::new(),
         };
+        // One untimed warm-up run at this batch's sizes, as llama-bench does (first-touch page faults of the
+        // activation buffers, thread start-up): b prompts of the prompt length, then one decode step.
+        {
+            let mut caches: Vec<_> = (0..b).map(|_| cm.new_cache()).collect();
+            let warm: Vec<u32> = (0..opts.prompt_len.max(1) as u32).map(|i| i % vocab).collect();
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            cm.step(&mut refs, &vec![&warm[..]; b], &step_opts)?;
+            if warm.len() < ctx {
+                cm.step(&mut refs, &vec![&warm[..1]; b], &step_opts)?;
+            }
+        }
         for _ in 0..opts.reps {
             let mut caches: Vec<_> = (0..b).map(|_| cm.new_cache()).collect();
             if opts.prompt_len > 0 {
