@@ -117,7 +117,9 @@ def main():
     print("| format | server | clients | tokens/s (rounds) | ratio | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) "
           "| latency p99 (s) | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for (fmt, name, clients), runs in results.items():
+    servers = ["llama-server", "mor serve"]
+    for (fmt, name, clients), runs in sorted(results.items(), key=lambda kv: (formats.index(kv[0][0]), kv[0][2],
+                                                                              servers.index(kv[0][1]))):
         base = results[(fmt, "llama-server", clients)]
         tps = med(runs, lambda r: r["tokens_per_sec"])
         each = ", ".join(f"{r['tokens_per_sec']:.1f}" for r in runs)
