@@ -120,7 +120,9 @@ pub fn bench_model(cm: &CachedModel, opts: &ModelBenchOptions) -> Result<ModelBe
         // activation buffers, thread start-up): b prompts of the prompt length, then one decode step.
         {
             let mut caches: Vec<_> = (0..b).map(|_| cm.new_cache()).collect();
-            let warm: Vec<u32> = (0..opts.prompt_len.max(1) as u32).map(|i| i % vocab).collect();
+            let warm: Vec<u32> = (0..opts.prompt_len.max(1) as u32)
+                .map(|i| i % vocab)
+                .collect();
             let mut refs: Vec<_> = caches.iter_mut().collect();
             cm.step(&mut refs, &vec![&warm[..]; b], &step_opts)?;
             if warm.len() < ctx {
