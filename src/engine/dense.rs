@@ -120,15 +120,9 @@ impl SyncPtr {
 /// model's own tensors.
 pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
     let k = x.len() / n.max(1);
-    let rows: Vec<usize> = blocks.iter().map(|b| b.len() / k.max(1)).collect();
-    assert!(
-        blocks.iter().zip(&rows).all(|(b, &m)| b.len() == m * k),
-        "weight shape"
-    );
-    let m: usize = rows.iter().sum();
+    let (chunks, m) = row_chunks(blocks, k);
     let mut y = crate::alloc::filled_vec(n * m);
     let out = SyncPtr(y.as_mut_ptr());
-    let chunks = row_chunks(&rows);
     let (dot4, dot4x2) = (T::dot4(), T::dot4x2());
     let job = |c: usize| {
         let (b, r0, r1, c0) = chunks[c];
@@ -164,10 +158,18 @@ pub fn matmul_rows<T: Elem>(blocks: &[&[T]], x: &[f32], n: usize) -> Vec<f32> {
     y
 }
 
-/// The pool's chunks of a matmul over stacked weight blocks of `rows[b]` rows each: whole 4-row groups inside one
-/// block, ~4 chunks per thread so a descheduled worker delays only a quarter of its share. Each is (block, first
-/// row, end row, first output column).
-pub(crate) fn row_chunks(rows: &[usize]) -> Vec<(usize, usize, usize, usize)> {
+/// The pool's chunks of a matmul over the stacked weight blocks `blocks`, each [m_i, k] (checked): whole 4-row
+/// groups inside one block, ~4 chunks per thread so a descheduled worker delays only a quarter of its share. Each
+/// is (block, first row, end row, first output column); also returns Σ m_i.
+pub(crate) fn row_chunks<T>(
+    blocks: &[&[T]],
+    k: usize,
+) -> (Vec<(usize, usize, usize, usize)>, usize) {
+    let rows: Vec<usize> = blocks.iter().map(|b| b.len() / k.max(1)).collect();
+    assert!(
+        blocks.iter().zip(&rows).all(|(b, &m)| b.len() == m * k),
+        "weight shape"
+    );
     let m: usize = rows.iter().sum();
     let per = (m / (4 * pool::threads())).max(16).next_multiple_of(4);
     let mut chunks = Vec::new();
@@ -178,7 +180,7 @@ pub(crate) fn row_chunks(rows: &[usize]) -> Vec<(usize, usize, usize, usize)> {
         }
         col += mb;
     }
-    chunks
+    (chunks, m)
 }
 
 /// [`Dot4`] in portable code (8 lanes so the compiler can vectorise), widening each weight with `f`.

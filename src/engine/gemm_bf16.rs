@@ -69,17 +69,11 @@ pub fn rounded(x: &[f32]) -> Vec<f32> {
 pub fn matmul(blocks: &[&[bf16]], x: &[f32], n: usize) -> Vec<f32> {
     let tile = tile().expect("gemm_bf16::matmul needs AVX512-BF16");
     let k = x.len() / n.max(1);
-    let rows: Vec<usize> = blocks.iter().map(|b| b.len() / k.max(1)).collect();
-    assert!(
-        blocks.iter().zip(&rows).all(|(b, &m)| b.len() == m * k),
-        "weight shape"
-    );
-    let m: usize = rows.iter().sum();
+    let (chunks, m) = row_chunks(blocks, k);
     let mut xb = crate::alloc::filled_vec(x.len());
     round_to_bf16(x, &mut xb);
     let mut y = crate::alloc::filled_vec(n * m);
     let out = SyncPtr(y.as_mut_ptr());
-    let chunks = row_chunks(&rows);
     let row_block = (BLOCK_BYTES / (2 * k.max(1)) / X).max(1) * X;
     let job = |c: usize| {
         let (b, r0, r1, c0) = chunks[c];
