@@ -18,7 +18,8 @@ pub(crate) enum Weight {
     /// blocks, more run [`gemm_bf16::matmul`] (bf16 blocks, where the CPU has AVX512-BF16) or candle's f32 GEMM.
     Dense(Vec<Tensor>),
     /// A GGUF tensor in its stored format, [out, in], multiplied by the engine's quantized kernels (the activations
-    /// are quantized to 8 bits, as llama.cpp does); prefill-sized batches widen it to f32 for the call instead.
+    /// are quantized to 8 bits, as llama.cpp does); prefill-sized batches widen it for the call instead (to bf16
+    /// for [`gemm_bf16::matmul`] where the CPU has AVX512-BF16, else to f32 for candle's GEMM).
     Quantized(Arc<QMatrix>),
 }
 
@@ -33,8 +34,8 @@ pub(crate) fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// Batches of at least this many rows on quantized weights widen the blocks to f32 and run the f32 GEMM; fewer run
-/// the integer kernels (measured crossover; see docs/benchmarks.md).
+/// Batches of at least this many rows on quantized weights widen the blocks (to bf16 or f32) and run a GEMM; fewer
+/// run the integer kernels (measured crossover; see docs/benchmarks.md).
 const MIN_ROWS_DEQUANTIZED: usize = 64;
 
 /// `x · Wᵀ` for rows x [n, k] (owned, moved into the tensor) and a weight [m, k], as a flat Vec [n, m].
@@ -42,9 +43,9 @@ pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>>
     let k = x.len() / n.max(1);
     match w {
         Weight::Quantized(q) if n >= MIN_ROWS_DEQUANTIZED => {
-            // Prefill-sized batches: widen the blocks to f32 once for this call and run the f32 GEMM. The pass
-            // over the weights costs ~1/n of the GEMM, less than the per-block float work of the integer kernels
-            // (measured; docs/benchmarks.md).
+            // Prefill-sized batches: widen the blocks once for this call and run a GEMM. The pass over the
+            // weights costs ~1/n of the GEMM, less than the per-block float work of the integer kernels (measured;
+            // docs/benchmarks.md).
             let (m, cols) = (q.rows(), q.cols());
             if gemm_bf16::available() {
                 // With the CPU's bf16 dot products: weights widened only to bf16 (an error of 2⁻⁹ per weight at
