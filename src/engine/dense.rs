@@ -237,121 +237,9 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// The CPU has AVX-512F; every row holds `x.len()` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot4_f32_avx512(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
-        let k = x.len();
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 16 <= k {
-            prefetch_next_group(&rows, i, k);
-            // SAFETY (caller): i + 16 ≤ k values in x and in every row.
-            unsafe {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                for r in 0..4 {
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r].as_ptr().add(i)), xv, acc[r]);
-                }
-            }
-            i += 16;
-        }
-        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + tail(rows[r], x, i, |w| w))
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F; every row holds `x.len()` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot4_bf16_avx512(rows: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
-        let k = x.len();
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 16 <= k {
-            prefetch_next_group(&rows, i, k);
-            // SAFETY (caller): i + 16 ≤ k values in x and in every row; bf16 is a u16 whose bits, shifted up by
-            // 16, are the f32 of the same value.
-            unsafe {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                for r in 0..4 {
-                    let h = _mm256_loadu_si256(rows[r].as_ptr().add(i).cast());
-                    let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
-                }
-            }
-            i += 16;
-        }
-        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + tail(rows[r], x, i, bf16::to_f32))
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F; every row and `x1` hold `x0.len()` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot4x2_f32_avx512(
-        rows: [&[f32]; 4],
-        x0: &[f32],
-        x1: &[f32],
-    ) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let (mut a0, mut a1) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
-        let mut i = 0;
-        while i + 16 <= k {
-            prefetch_next_group(&rows, i, k);
-            // SAFETY (caller): i + 16 ≤ k values in x0, x1 and every row.
-            unsafe {
-                let (v0, v1) = (
-                    _mm512_loadu_ps(x0.as_ptr().add(i)),
-                    _mm512_loadu_ps(x1.as_ptr().add(i)),
-                );
-                for r in 0..4 {
-                    let w = _mm512_loadu_ps(rows[r].as_ptr().add(i));
-                    a0[r] = _mm512_fmadd_ps(w, v0, a0[r]);
-                    a1[r] = _mm512_fmadd_ps(w, v1, a1[r]);
-                }
-            }
-            i += 16;
-        }
-        [
-            std::array::from_fn(|r| _mm512_reduce_add_ps(a0[r]) + tail(rows[r], x0, i, |w| w)),
-            std::array::from_fn(|r| _mm512_reduce_add_ps(a1[r]) + tail(rows[r], x1, i, |w| w)),
-        ]
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F; every row and `x1` hold `x0.len()` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot4x2_bf16_avx512(
-        rows: [&[bf16]; 4],
-        x0: &[f32],
-        x1: &[f32],
-    ) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let (mut a0, mut a1) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
-        let mut i = 0;
-        while i + 16 <= k {
-            prefetch_next_group(&rows, i, k);
-            // SAFETY (caller): i + 16 ≤ k values in x0, x1 and every row; see `dot4_bf16_avx512` for the widening.
-            unsafe {
-                let (v0, v1) = (
-                    _mm512_loadu_ps(x0.as_ptr().add(i)),
-                    _mm512_loadu_ps(x1.as_ptr().add(i)),
-                );
-                for r in 0..4 {
-                    let h = _mm256_loadu_si256(rows[r].as_ptr().add(i).cast());
-                    let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    a0[r] = _mm512_fmadd_ps(w, v0, a0[r]);
-                    a1[r] = _mm512_fmadd_ps(w, v1, a1[r]);
-                }
-            }
-            i += 16;
-        }
-        [
-            std::array::from_fn(|r| {
-                _mm512_reduce_add_ps(a0[r]) + tail(rows[r], x0, i, bf16::to_f32)
-            }),
-            std::array::from_fn(|r| {
-                _mm512_reduce_add_ps(a1[r]) + tail(rows[r], x1, i, bf16::to_f32)
-            }),
-        ]
-    }
+    /// No prefetch: the AVX2 kernels leave it to the hardware (not measured on an AVX2 machine yet).
+    #[inline(always)]
+    fn no_prefetch<T>(_: &[&[T]; 4], _: usize, _: usize) {}
 
     /// Horizontal sum of 8 lanes.
     #[target_feature(enable = "avx2")]
@@ -361,112 +249,129 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// # Safety
-    /// The CPU has AVX2 and FMA; every row holds `x.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4_f32_avx2(rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
-        let k = x.len();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 8 <= k {
-            // SAFETY (caller): i + 8 ≤ k values in x and in every row.
-            unsafe {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-                for r in 0..4 {
-                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].as_ptr().add(i)), xv, acc[r]);
+    /// The one-vector [`Dot4`](super::Dot4) and two-vector [`Dot4x2`](super::Dot4x2) kernels for one ISA and
+    /// weight type: `$lanes` f32 lanes per vector, `$load` loading (and widening) the weights at `$p`.
+    macro_rules! kernels {
+        ($dot4:ident, $dot4x2:ident, $features:literal, $t:ty, $lanes:literal, $zero:path, $loadx:path,
+         $fma:path, $sum:path, $prefetch:path, $widen:expr, |$p:ident| $load:expr) => {
+            /// # Safety
+            /// The CPU has the features enabled here; every row holds `x.len()` values.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $dot4(rows: [&[$t]; 4], x: &[f32]) -> [f32; 4] {
+                let k = x.len();
+                let mut acc = [$zero(); 4];
+                let mut i = 0;
+                while i + $lanes <= k {
+                    $prefetch(&rows, i, k);
+                    // SAFETY (caller): i + lanes ≤ k values in x and in every row.
+                    unsafe {
+                        let xv = $loadx(x.as_ptr().add(i));
+                        for r in 0..4 {
+                            let $p = rows[r].as_ptr().add(i);
+                            acc[r] = $fma($load, xv, acc[r]);
+                        }
+                    }
+                    i += $lanes;
                 }
+                std::array::from_fn(|r| $sum(acc[r]) + tail(rows[r], x, i, $widen))
             }
-            i += 8;
-        }
-        std::array::from_fn(|r| hsum256(acc[r]) + tail(rows[r], x, i, |w| w))
+
+            /// # Safety
+            /// The CPU has the features enabled here; every row and `x1` hold `x0.len()` values.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $dot4x2(
+                rows: [&[$t]; 4],
+                x0: &[f32],
+                x1: &[f32],
+            ) -> [[f32; 4]; 2] {
+                let k = x0.len();
+                let (mut a0, mut a1) = ([$zero(); 4], [$zero(); 4]);
+                let mut i = 0;
+                while i + $lanes <= k {
+                    $prefetch(&rows, i, k);
+                    // SAFETY (caller): i + lanes ≤ k values in x0, x1 and every row.
+                    unsafe {
+                        let (v0, v1) = ($loadx(x0.as_ptr().add(i)), $loadx(x1.as_ptr().add(i)));
+                        for r in 0..4 {
+                            let $p = rows[r].as_ptr().add(i);
+                            let w = $load;
+                            a0[r] = $fma(w, v0, a0[r]);
+                            a1[r] = $fma(w, v1, a1[r]);
+                        }
+                    }
+                    i += $lanes;
+                }
+                [
+                    std::array::from_fn(|r| $sum(a0[r]) + tail(rows[r], x0, i, $widen)),
+                    std::array::from_fn(|r| $sum(a1[r]) + tail(rows[r], x1, i, $widen)),
+                ]
+            }
+        };
     }
 
-    /// # Safety
-    /// The CPU has AVX2 and FMA; every row holds `x.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4_bf16_avx2(rows: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
-        let k = x.len();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 8 <= k {
-            // SAFETY (caller): i + 8 ≤ k values in x and in every row; see `dot4_bf16_avx512` for the widening.
-            unsafe {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-                for r in 0..4 {
-                    let h = _mm_loadu_si128(rows[r].as_ptr().add(i).cast());
-                    let w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                    acc[r] = _mm256_fmadd_ps(w, xv, acc[r]);
-                }
-            }
-            i += 8;
-        }
-        std::array::from_fn(|r| hsum256(acc[r]) + tail(rows[r], x, i, bf16::to_f32))
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA; every row and `x1` hold `x0.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4x2_f32_avx2(
-        rows: [&[f32]; 4],
-        x0: &[f32],
-        x1: &[f32],
-    ) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let (mut a0, mut a1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-        let mut i = 0;
-        while i + 8 <= k {
-            // SAFETY (caller): i + 8 ≤ k values in x0, x1 and every row.
-            unsafe {
-                let (v0, v1) = (
-                    _mm256_loadu_ps(x0.as_ptr().add(i)),
-                    _mm256_loadu_ps(x1.as_ptr().add(i)),
-                );
-                for r in 0..4 {
-                    let w = _mm256_loadu_ps(rows[r].as_ptr().add(i));
-                    a0[r] = _mm256_fmadd_ps(w, v0, a0[r]);
-                    a1[r] = _mm256_fmadd_ps(w, v1, a1[r]);
-                }
-            }
-            i += 8;
-        }
-        [
-            std::array::from_fn(|r| hsum256(a0[r]) + tail(rows[r], x0, i, |w| w)),
-            std::array::from_fn(|r| hsum256(a1[r]) + tail(rows[r], x1, i, |w| w)),
-        ]
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA; every row and `x1` hold `x0.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4x2_bf16_avx2(
-        rows: [&[bf16]; 4],
-        x0: &[f32],
-        x1: &[f32],
-    ) -> [[f32; 4]; 2] {
-        let k = x0.len();
-        let (mut a0, mut a1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-        let mut i = 0;
-        while i + 8 <= k {
-            // SAFETY (caller): i + 8 ≤ k values in x0, x1 and every row; see `dot4_bf16_avx512` for the widening.
-            unsafe {
-                let (v0, v1) = (
-                    _mm256_loadu_ps(x0.as_ptr().add(i)),
-                    _mm256_loadu_ps(x1.as_ptr().add(i)),
-                );
-                for r in 0..4 {
-                    let h = _mm_loadu_si128(rows[r].as_ptr().add(i).cast());
-                    let w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                    a0[r] = _mm256_fmadd_ps(w, v0, a0[r]);
-                    a1[r] = _mm256_fmadd_ps(w, v1, a1[r]);
-                }
-            }
-            i += 8;
-        }
-        [
-            std::array::from_fn(|r| hsum256(a0[r]) + tail(rows[r], x0, i, bf16::to_f32)),
-            std::array::from_fn(|r| hsum256(a1[r]) + tail(rows[r], x1, i, bf16::to_f32)),
-        ]
-    }
+    // bf16 is a u16 whose bits, shifted up by 16, are the f32 of the same value: the widening is exact.
+    kernels!(
+        dot4_f32_avx512,
+        dot4x2_f32_avx512,
+        "avx512f",
+        f32,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps,
+        prefetch_next_group,
+        |w| w,
+        |p| _mm512_loadu_ps(p)
+    );
+    kernels!(
+        dot4_bf16_avx512,
+        dot4x2_bf16_avx512,
+        "avx512f",
+        bf16,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps,
+        prefetch_next_group,
+        bf16::to_f32,
+        |p| _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+            16
+        ))
+    );
+    kernels!(
+        dot4_f32_avx2,
+        dot4x2_f32_avx2,
+        "avx2,fma",
+        f32,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        hsum256,
+        no_prefetch,
+        |w| w,
+        |p| _mm256_loadu_ps(p)
+    );
+    kernels!(
+        dot4_bf16_avx2,
+        dot4x2_bf16_avx2,
+        "avx2,fma",
+        bf16,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        hsum256,
+        no_prefetch,
+        bf16::to_f32,
+        |p| _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+            16
+        ))
+    );
 }
 
 #[cfg(test)]
