@@ -45,8 +45,11 @@ def free_port():
 def bench_serve(args, extra):
     cmd = [MOR, "bench", "serve", "--clients", args.clients, "--requests", str(args.requests), "--prompt-tokens",
            str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--json"] + extra
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ,
-                         RAYON_NUM_THREADS=str(args.threads))).stdout
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)))
+    if r.returncode != 0:
+        tail = r.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        sys.exit(f"mor bench serve failed (exit {r.returncode}): {tail[0]}")
+    out = r.stdout
     return [run for line in out.splitlines() if line.startswith("{") for run in json.loads(line)["runs"]]
 
 
@@ -93,6 +96,11 @@ def main():
     args = p.parse_args()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     formats = args.formats.split(",")
+    for tool, hint in [(SERVER, "scripts/build_llama_cpp.sh"), (MOR, "cargo build --release")]:
+        if not os.access(tool, os.X_OK):
+            sys.exit(f"{tool} missing: run {hint}")
+    if args.rounds < 1 or args.slots < 1 or args.threads < 1 or args.requests < 1:
+        sys.exit("--rounds, --slots, --threads and --requests must be at least 1")
     for fmt in formats:
         if not os.path.exists(gguf(fmt)):
             sys.exit(f"{gguf(fmt)} missing: run scripts/fetch_assets.sh and scripts/build_llama_cpp.sh")

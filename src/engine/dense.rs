@@ -3,7 +3,8 @@
 //! memory bandwidth: each chunk streams its weight rows once, four at a time, and reuses each loaded activation
 //! vector for four rows. bf16 weights halve the bytes read; they are widened to f32 in registers (exact), so the
 //! activations and accumulation stay f32. FMA on 512-bit vectors with AVX-512, 256-bit with AVX2, portable code
-//! elsewhere, chosen at run time. Larger batches are GEMMs and go to candle.
+//! elsewhere, chosen at run time. Larger batches are GEMMs ([`crate::engine::gemm_bf16`] for bf16 weights on
+//! AVX512-BF16, candle's otherwise).
 
 use half::bf16;
 
