@@ -14,6 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use mor::engine::{dense, gemm_bf16};
 
+/// One matmul path: `x · Wᵀ` as a flat [n, m] Vec.
+type Path<'a> = &'a dyn Fn() -> Result<Vec<f32>>;
+
 fn main() -> Result<()> {
     mor::engine::pin_thread_count();
     let dims: Option<Vec<usize>> = std::env::args().skip(1).map(|a| a.parse().ok()).collect();
@@ -44,7 +47,7 @@ fn main() -> Result<()> {
         let y = xt.matmul(&wt.to_dtype(DType::F32)?.t()?)?;
         Ok(y.flatten_all()?.to_vec1()?)
     };
-    let mut paths: Vec<(&str, &dyn Fn() -> Result<Vec<f32>>, Vec<f64>)> = vec![
+    let mut paths: Vec<(&str, Path, Vec<f64>)> = vec![
         ("engine::dense row kernels", &rows, Vec::new()),
         ("candle f32 GEMM (widened)", &candle, Vec::new()),
     ];
