@@ -13,7 +13,8 @@ use crate::engine::pool;
 
 /// Batches of at least this many rows use [`matmul`] where the CPU can; fewer run the row kernels of
 /// [`crate::engine::dense`] on the same rounded activations. At 4 rows of 576 × 3072 this kernel ran 287 GFLOP/s against
-/// their 169 on two threads of an AMD EPYC with AVX512-BF16, at 2 rows both ~155, at 16 rows 358 against 165.
+/// their 169 on two threads of an AMD EPYC with AVX512-BF16, at 2 rows both ~155, at 16 rows 358 against 165
+/// (`examples/bf16_matmul`).
 pub const MIN_ROWS: usize = 4;
 
 /// Bytes of bf16 activation rows per cache block: the block stays in L1 (with the weight tile it meets) while
