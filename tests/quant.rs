@@ -124,13 +124,13 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn every_format_matches_the_dequantized_reference_on_random_blocks() {
     for (fi, dtype) in FORMATS.into_iter().enumerate() {
-        // 37 rows: not a multiple of any chunk; 512 columns: two K super-blocks.
+        // 37 rows: not a multiple of any chunk or of the 4-row weight tiles; 512 columns: two K super-blocks.
         let (m, k) = (37, 512);
         let w = Tensor::from_vec(random(m * k, fi as u64), (m, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let packed = QMatrix::from_ggml(dtype, m, k, &q.data().unwrap()).unwrap();
         assert_eq!(packed.format(), QFormat::from_ggml(dtype).unwrap());
-        // 1, 4 and 7 rows: the single-row kernel, one 4-row tile, a tile plus three single rows.
+        // 1, 4 and 7 activation rows: weight-row tiles, one activation-row tile, a tile plus three single rows.
         for n in [1, 4, 7] {
             let x = random(n * k, 100 + n as u64);
             check_matrix(&packed, &q, &x, n, &format!("{dtype:?} n={n}"));

@@ -243,18 +243,22 @@ impl QMatrix {
         }
         let job = |c: usize| {
             let (start, p, r0, r1) = chunks[c];
+            let put = |r: usize, a: usize, v: f32| {
+                // SAFETY: element (a, start + r) lies inside y ([n, rows]); chunks cover disjoint rows, so no
+                // two threads write the same element, and y outlives the pool job.
+                unsafe { *out.get().add(a * self.rows + start + r) = v };
+            };
             let mut a = 0;
             while a < n {
-                let tile = if n - a >= 4 { 4 } else { 1 };
-                for r in r0..r1 {
-                    let vals = p.dot_rows(isa, r, x, a, tile);
-                    for (t, v) in vals.iter().take(tile).enumerate() {
-                        // SAFETY: element (a + t, start + r) lies inside y ([n, rows]); chunks cover disjoint
-                        // rows, so no two threads write the same element, and y outlives the pool job.
-                        unsafe { *out.get().add((a + t) * self.rows + start + r) = *v };
-                    }
+                // Prompt rows: four activation rows share each weight block's load. Decode rows: four weight rows
+                // share each activation block's, and their independent sums keep the FMA pipes busy.
+                if n - a >= 4 {
+                    p.sweep::<1, 4>(isa, x, a, r0..r1, put);
+                    a += 4;
+                } else {
+                    p.sweep::<4, 1>(isa, x, a, r0..r1, put);
+                    a += 1;
                 }
-                a += tile;
             }
         };
         crate::engine::pool::run(chunks.len(), &job);
@@ -392,10 +396,10 @@ impl Part {
         }
     }
 
-    /// Dots of weight row `r` with activation rows `a..a + tile` (tile 1 or 4).
-    fn dot_rows(&self, isa: Isa, r: usize, x: &QuantizedRows, a: usize, tile: usize) -> [f32; 4] {
+    /// Weight row `r` as the kernels' pointers.
+    fn wrow(&self, r: usize) -> WRow {
         let nb = self.cols / BLOCK;
-        let w = WRow {
+        WRow {
             qs: if self.format.is_8bit() {
                 self.qs[r * self.cols..].as_ptr()
             } else {
@@ -415,30 +419,70 @@ impl Part {
                 .get(r * nb..)
                 .map_or(std::ptr::null(), <[u32]>::as_ptr),
             nb,
-        };
-        let mut out = [0f32; 4];
-        let xs = [
-            x.row(a),
-            x.row((a + 1).min(a + tile - 1)),
-            x.row((a + 2).min(a + tile - 1)),
-            x.row((a + 3).min(a + tile - 1)),
-        ];
+        }
+    }
+
+    /// `put(weight row, activation row, dot)` for weight rows `rows` against activation rows `a..a + R`, in tiles of
+    /// `W` weight rows (the last ones one by one).
+    fn sweep<const W: usize, const R: usize>(
+        &self,
+        isa: Isa,
+        x: &QuantizedRows,
+        a: usize,
+        rows: std::ops::Range<usize>,
+        put: impl Fn(usize, usize, f32),
+    ) {
+        assert!(
+            rows.start < rows.end
+                && rows.end <= self.rows
+                && a + R <= x.rows()
+                && x.cols == self.cols,
+            "tile out of range"
+        );
+        let xs: [ActRow; R] = std::array::from_fn(|t| x.row(a + t));
+        // Later rows' pointers follow from the first row's by the row strides, without indexing per tile.
+        let first = self.wrow(rows.start);
+        let row_at = |r: usize| first.offset(r - rows.start, self.format);
+        let mut r = rows.start;
+        while r < rows.end {
+            if rows.end - r >= W {
+                let v = self.dots::<W, R>(isa, &std::array::from_fn(|i| row_at(r + i)), &xs);
+                for (i, vi) in v.iter().enumerate() {
+                    for (t, &d) in vi.iter().enumerate() {
+                        put(r + i, a + t, d);
+                    }
+                }
+                r += W;
+            } else {
+                let v = self.dots::<1, R>(isa, &[row_at(r)], &xs);
+                for (t, &d) in v[0].iter().enumerate() {
+                    put(r, a + t, d);
+                }
+                r += 1;
+            }
+        }
+    }
+
+    /// Dots of weight rows `w` with activation rows `xs`, indexed [weight row][activation row]; the rows must lie
+    /// inside this part and the activations (as [`Part::sweep`] checks).
+    fn dots<const W: usize, const R: usize>(
+        &self,
+        isa: Isa,
+        w: &[WRow; W],
+        xs: &[ActRow; R],
+    ) -> [[f32; R]; W] {
         macro_rules! go {
             ($module:ident) => {{
-                // SAFETY: the pointers of `w` and `xs` cover `nb` blocks of this matrix's row and of the
-                // activation rows (checked widths above), and the kernel set's CPU features were detected.
+                // SAFETY: the pointers of `w` and `xs` cover `nb` blocks of rows of this part and of the
+                // activations (the caller's contract, checked in `sweep`), and the kernel set's CPU features were
+                // detected.
                 unsafe {
-                    match (self.format, tile) {
-                        (QFormat::Q8_0, 1) => $module::q8::<1, false>(&w, &[xs[0]], &mut out[..1]),
-                        (QFormat::Q8_0, _) => $module::q8::<4, false>(&w, &xs, &mut out),
-                        (QFormat::Q6K, 1) => $module::q8::<1, true>(&w, &[xs[0]], &mut out[..1]),
-                        (QFormat::Q6K, _) => $module::q8::<4, true>(&w, &xs, &mut out),
-                        (QFormat::Q4_0, 1) => $module::q4::<1, OFFSET8>(&w, &[xs[0]], &mut out[..1]),
-                        (QFormat::Q4_0, _) => $module::q4::<4, OFFSET8>(&w, &xs, &mut out),
-                        (QFormat::Q5_0, 1) => $module::q4::<1, HIGH16>(&w, &[xs[0]], &mut out[..1]),
-                        (QFormat::Q5_0, _) => $module::q4::<4, HIGH16>(&w, &xs, &mut out),
-                        (_, 1) => $module::q4::<1, MIN>(&w, &[xs[0]], &mut out[..1]),
-                        (_, _) => $module::q4::<4, MIN>(&w, &xs, &mut out),
+                    match self.format {
+                        QFormat::Q8_0 => $module::q8::<W, R, false>(w, xs),
+                        QFormat::Q6K => $module::q8::<W, R, true>(w, xs),
+                        QFormat::Q4_0 => $module::q4::<W, R, OFFSET8>(w, xs),
+                        QFormat::Q5_0 => $module::q4::<W, R, HIGH16>(w, xs),
+                        QFormat::Q4_1 | QFormat::Q4K => $module::q4::<W, R, MIN>(w, xs),
                     }
                 }
             }};
@@ -450,7 +494,6 @@ impl Part {
             Isa::Avx2 => go!(x86_avx2),
             Isa::Scalar => go!(scalar),
         }
-        out
     }
 }
 
@@ -471,6 +514,22 @@ pub(super) struct WRow {
     pub m: *const f32,
     pub qh: *const u32,
     pub nb: usize,
+}
+
+impl WRow {
+    /// The row `k` rows after this one in a part of `format` (pointer arithmetic only; the caller keeps it in range,
+    /// and `m` / `qh`, unused by formats without them, may move past their empty vectors).
+    fn offset(&self, k: usize, format: QFormat) -> WRow {
+        let bytes = if format.is_8bit() { BLOCK } else { BLOCK / 2 };
+        let scales = if format == QFormat::Q6K { 2 } else { 1 };
+        WRow {
+            qs: self.qs.wrapping_add(k * self.nb * bytes),
+            d: self.d.wrapping_add(k * self.nb * scales),
+            m: self.m.wrapping_add(k * self.nb),
+            qh: self.qh.wrapping_add(k * self.nb),
+            nb: self.nb,
+        }
+    }
 }
 
 struct SyncPtr(*mut f32);

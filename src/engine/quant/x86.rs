@@ -20,6 +20,21 @@ macro_rules! kernels {
                 $dot
             }
 
+            /// Prefetch the bytes that block `b` of the next tile of `W` weight rows will read, `bytes` per row and
+            /// block. A tile's rows are adjacent, so this sweeps the next tile at the rate this one is read: the
+            /// rows are too short (hundreds of bytes) for the hardware prefetcher to learn `W` streams in time.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn prefetch_next_tile<const W: usize>(w: &[WRow; W], b: usize, bytes: usize) {
+                let ahead = W * w[0].nb * bytes + b * W * bytes;
+                let mut o = 0;
+                while o < W * bytes {
+                    // Only a hint: the address may lie past the matrix, so it is formed without `add`.
+                    _mm_prefetch::<_MM_HINT_T0>(w[0].qs.wrapping_add(ahead + o) as *const i8);
+                    o += 64;
+                }
+            }
+
             /// Sum of the 8 lanes.
             #[target_feature(enable = $features)]
             #[inline]
@@ -29,55 +44,69 @@ macro_rules! kernels {
                 _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
             }
 
-            /// 8-bit weights (Q8_0; with `SPLIT`, Q6_K's scale per 16 values) against `R` activation rows.
+            /// 8-bit weights (Q8_0; with `SPLIT`, Q6_K's scale per 16 values): `W` weight rows against `R`
+            /// activation rows, each block's loads shared by the rows of the other side.
             ///
             /// # Safety
-            /// The CPU has this module's features; `w` and every row of `x` point at `w.nb` valid blocks.
+            /// The CPU has this module's features; every row of `w` and `x` points at `w[0].nb` valid blocks.
             #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn q8<const R: usize, const SPLIT: bool>(
-                w: &WRow,
+            pub(in super::super) unsafe fn q8<const W: usize, const R: usize, const SPLIT: bool>(
+                w: &[WRow; W],
                 x: &[ActRow; R],
-                out: &mut [f32],
-            ) {
-                let mut acc = [_mm256_setzero_ps(); R];
-                for b in 0..w.nb {
-                    // SAFETY (caller): block b of the weight row and its scale(s) exist.
-                    let wv = unsafe { _mm256_loadu_si256(w.qs.add(b * BLOCK) as *const __m256i) };
-                    let aw = _mm256_sign_epi8(wv, wv);
-                    let dw = if SPLIT {
-                        unsafe {
-                            _mm256_set_m128(
-                                _mm_set1_ps(*w.d.add(2 * b + 1)),
-                                _mm_set1_ps(*w.d.add(2 * b)),
-                            )
-                        }
-                    } else {
-                        _mm256_set1_ps(unsafe { *w.d.add(b) })
-                    };
+            ) -> [[f32; R]; W] {
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                for b in 0..w[0].nb {
+                    prefetch_next_tile(w, b, BLOCK);
+                    let mut wv = [_mm256_setzero_si256(); W];
+                    let mut aw = [_mm256_setzero_si256(); W];
+                    let mut dw = [_mm256_setzero_ps(); W];
+                    for i in 0..W {
+                        // SAFETY (caller): block b of weight row i and its scale(s) exist.
+                        wv[i] =
+                            unsafe { _mm256_loadu_si256(w[i].qs.add(b * BLOCK) as *const __m256i) };
+                        aw[i] = _mm256_sign_epi8(wv[i], wv[i]);
+                        dw[i] = if SPLIT {
+                            unsafe {
+                                _mm256_set_m128(
+                                    _mm_set1_ps(*w[i].d.add(2 * b + 1)),
+                                    _mm_set1_ps(*w[i].d.add(2 * b)),
+                                )
+                            }
+                        } else {
+                            _mm256_set1_ps(unsafe { *w[i].d.add(b) })
+                        };
+                    }
                     for r in 0..R {
                         // SAFETY (caller): block b of activation row r exists.
                         let (xq, xd, _) = unsafe { x[r].block(b) };
                         let xv = unsafe { _mm256_loadu_si256(xq as *const __m256i) };
-                        let p = dot(aw, _mm256_sign_epi8(xv, wv));
-                        let s = _mm256_mul_ps(dw, _mm256_set1_ps(xd));
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r]);
+                        let xd = _mm256_set1_ps(xd);
+                        for i in 0..W {
+                            let p = dot(aw[i], _mm256_sign_epi8(xv, wv[i]));
+                            let s = _mm256_mul_ps(dw[i], xd);
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i][r]);
+                        }
                     }
                 }
-                for r in 0..R {
-                    out[r] = hsum(acc[r]);
+                let mut out = [[0f32; R]; W];
+                for i in 0..W {
+                    for r in 0..R {
+                        out[i][r] = hsum(acc[i][r]);
+                    }
                 }
+                out
             }
 
-            /// 4-bit weights (Q4_0: `KIND` = OFFSET8; Q5_0: HIGH16; Q4_1 / Q4_K: MIN) against `R` rows.
+            /// 4-bit weights (Q4_0: `KIND` = OFFSET8; Q5_0: HIGH16; Q4_1 / Q4_K: MIN): `W` weight rows against
+            /// `R` activation rows, as [`q8`].
             ///
             /// # Safety
-            /// As [`q8`]; `w.m` (MIN) or `w.qh` (HIGH16) point at `w.nb` values too.
+            /// As [`q8`]; `w[i].m` (MIN) or `w[i].qh` (HIGH16) point at `nb` values too.
             #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn q4<const R: usize, const KIND: u8>(
-                w: &WRow,
+            pub(in super::super) unsafe fn q4<const W: usize, const R: usize, const KIND: u8>(
+                w: &[WRow; W],
                 x: &[ActRow; R],
-                out: &mut [f32],
-            ) {
+            ) -> [[f32; R]; W] {
                 let low = _mm256_set1_epi8(0x0F);
                 // For Q5_0: spread bit t of qh to byte t (byte t of the broadcast holds qh's byte t / 8).
                 let spread = _mm256_set_epi64x(
@@ -87,39 +116,57 @@ macro_rules! kernels {
                     0,
                 );
                 let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
-                let mut acc = [_mm256_setzero_ps(); R];
-                let mut corr = [0f32; R];
-                for b in 0..w.nb {
-                    // SAFETY (caller): block b of the weight row and its scale / minimum / high bits exist.
-                    let raw = unsafe { _mm_loadu_si128(w.qs.add(b * 16) as *const __m128i) };
-                    let mut wv =
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-                    let d = unsafe { *w.d.add(b) };
-                    let m = if KIND == MIN {
-                        unsafe { *w.m.add(b) }
-                    } else if KIND == HIGH16 {
-                        let qh = unsafe { *w.qh.add(b) } as i32;
-                        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), spread);
-                        let set =
-                            _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi8(-1));
-                        wv = _mm256_or_si256(wv, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-                        -16.0 * d
-                    } else {
-                        -8.0 * d
-                    };
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                // The offset / minimum terms, m · d_x · Σq_x, kept apart from the vector sums.
+                let mut corr = [[0f32; R]; W];
+                for b in 0..w[0].nb {
+                    prefetch_next_tile(w, b, BLOCK / 2);
+                    let mut wv = [_mm256_setzero_si256(); W];
+                    let mut d = [0f32; W];
+                    let mut m = [0f32; W];
+                    for i in 0..W {
+                        // SAFETY (caller): block b of weight row i and its scale / minimum / high bits exist.
+                        let raw = unsafe { _mm_loadu_si128(w[i].qs.add(b * 16) as *const __m128i) };
+                        wv[i] =
+                            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+                        d[i] = unsafe { *w[i].d.add(b) };
+                        m[i] = if KIND == MIN {
+                            unsafe { *w[i].m.add(b) }
+                        } else if KIND == HIGH16 {
+                            let qh = unsafe { *w[i].qh.add(b) } as i32;
+                            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), spread);
+                            let set = _mm256_cmpeq_epi8(
+                                _mm256_or_si256(bytes, others),
+                                _mm256_set1_epi8(-1),
+                            );
+                            wv[i] = _mm256_or_si256(
+                                wv[i],
+                                _mm256_and_si256(set, _mm256_set1_epi8(0x10)),
+                            );
+                            -16.0 * d[i]
+                        } else {
+                            -8.0 * d[i]
+                        };
+                    }
                     for r in 0..R {
                         // SAFETY (caller): block b of activation row r exists.
                         let (xq, xd, xds) = unsafe { x[r].block(b) };
                         let xv = unsafe { _mm256_loadu_si256(xq as *const __m256i) };
-                        let p = dot(wv, xv);
-                        acc[r] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc[r]);
-                        corr[r] += m * xds;
+                        for i in 0..W {
+                            let p = dot(wv[i], xv);
+                            let s = _mm256_set1_ps(d[i] * xd);
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i][r]);
+                            corr[i][r] += m[i] * xds;
+                        }
                     }
                 }
-                for r in 0..R {
-                    out[r] = hsum(acc[r]) + corr[r];
+                let mut out = [[0f32; R]; W];
+                for i in 0..W {
+                    for r in 0..R {
+                        out[i][r] = hsum(acc[i][r]) + corr[i][r];
+                    }
                 }
+                out
             }
         }
     };
