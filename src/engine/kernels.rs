@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::engine::quant::QMatrix;
-use crate::engine::{dense, gemm_bf16};
+use crate::engine::{dense, gemm_bf16, gemm_f32};
 use crate::error::{MorError, Result};
 
 /// A matmul weight of the engine.
@@ -15,11 +15,11 @@ use crate::error::{MorError, Result};
 pub(crate) enum Weight {
     /// f32 or bf16 row blocks stacked along the output dimension (each [out_i, in], contiguous): the model's own
     /// tensors, so a fused projection (q/k/v, gate/up) costs no copy. Few rows run [`dense::matmul_rows`] over the
-    /// blocks, more run [`gemm_bf16::matmul`] (bf16 blocks, where the CPU has AVX512-BF16) or candle's f32 GEMM.
+    /// blocks, more run [`gemm_bf16::matmul`] (bf16 blocks, where the CPU has AVX512-BF16) or [`gemm_f32::matmul`].
     Dense(Vec<Tensor>),
     /// A GGUF tensor in its stored format, [out, in], multiplied by the engine's quantized kernels (the activations
     /// are quantized to 8 bits, as llama.cpp does); prefill-sized batches widen it for the call instead (to bf16
-    /// for [`gemm_bf16::matmul`] where the CPU has AVX512-BF16, else to f32 for candle's GEMM).
+    /// for [`gemm_bf16::matmul`] where the CPU has AVX512-BF16, else to f32, block by block, for [`gemm_f32::matmul`]).
     Quantized(Arc<QMatrix>),
 }
 
@@ -40,11 +40,10 @@ const MIN_ROWS_DEQUANTIZED: usize = 64;
 
 /// `x · Wᵀ` for rows x [n, k] (owned, moved into the tensor) and a weight [m, k], as a flat Vec [n, m].
 pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>> {
-    let k = x.len() / n.max(1);
     match w {
         Weight::Quantized(q) if n >= MIN_ROWS_DEQUANTIZED => {
-            // Prefill-sized batches: widen the blocks once for this call and run a GEMM. The pass over the
-            // weights costs ~1/n of the GEMM, less than the per-block float work of the integer kernels (measured;
+            // Prefill-sized batches: widen the blocks for this call and run a GEMM. The pass over the weights
+            // costs ~1/n of the GEMM, less than the per-block float work of the integer kernels (measured;
             // docs/benchmarks.md).
             let (m, cols) = (q.rows(), q.cols());
             if gemm_bf16::available() {
@@ -58,42 +57,21 @@ pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>>
                 }
                 return Ok(gemm_bf16::matmul(&[&wb], &x, n));
             }
-            let mut w = crate::alloc::filled_vec(m * cols);
-            for (r, row) in w.chunks_exact_mut(cols).enumerate() {
-                q.dequantize_row(r, row);
-            }
-            let dev = candle_core::Device::Cpu;
-            let w = Tensor::from_vec(w, (m, cols), &dev)?;
-            Ok(Tensor::from_vec(x, (n, k), &dev)?
-                .matmul(&w.t()?)?
-                .flatten_all()?
-                .to_vec1()?)
+            Ok(gemm_f32::matmul(&x, n, m, |r0, buf| {
+                for (i, row) in buf.chunks_exact_mut(cols).enumerate() {
+                    q.dequantize_row(r0 + i, row);
+                }
+            }))
         }
         Weight::Quantized(q) => Ok(q.matmul(&x, n)),
-        Weight::Dense(blocks) => {
-            let bf16 = blocks.iter().any(|b| b.dtype() == DType::BF16);
-            // bf16 blocks would be widened to f32 for every GEMM call: their own kernels pay off to more rows,
-            // and with the CPU's bf16 dot products at every size from gemm_bf16::MIN_ROWS.
-            if n <= if bf16 {
-                dense::MAX_ROWS_BF16
-            } else {
-                dense::MAX_ROWS
-            } || (bf16 && gemm_bf16::available())
-            {
-                return dense_rows(blocks, &x, n);
-            }
-            let x = Tensor::from_vec(x, (n, k), blocks[0].device())?;
-            let parts = blocks
-                .iter()
-                .map(|b| x.matmul(&b.to_dtype(DType::F32)?.t()?))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&parts, 1)?.flatten_all()?.to_vec1()?)
-        }
+        Weight::Dense(blocks) => dense_matmul(blocks, &x, n),
     }
 }
 
-/// [`dense::matmul_rows`] on the storage of `blocks` (all f32 or all bf16, contiguous, on the CPU).
-fn dense_rows(blocks: &[Tensor], x: &[f32], n: usize) -> Result<Vec<f32>> {
+/// `x · Wᵀ` on the storage of `blocks` (all f32 or all bf16, contiguous, on the CPU, stacked along the output
+/// dimension): few rows on [`dense::matmul_rows`], more on [`gemm_f32::matmul`] (bf16 rows widened per block) or,
+/// where the CPU has AVX512-BF16, bf16 weights at every size on gemm_bf16's arithmetic.
+fn dense_matmul(blocks: &[Tensor], x: &[f32], n: usize) -> Result<Vec<f32>> {
     use candle_core::{CpuStorage, Storage};
     let guards: Vec<_> = blocks.iter().map(|b| b.storage_and_layout()).collect();
     let (mut f32s, mut bf16s) = (Vec::new(), Vec::new());
@@ -108,8 +86,12 @@ fn dense_rows(blocks: &[Tensor], x: &[f32], n: usize) -> Result<Vec<f32>> {
             }
         }
     }
+    let k = x.len() / n.max(1);
     match (f32s.is_empty(), bf16s.is_empty()) {
-        (false, true) => Ok(dense::matmul_rows(&f32s, x, n)),
+        (false, true) if n <= dense::MAX_ROWS => Ok(dense::matmul_rows(&f32s, x, n)),
+        (false, true) => Ok(gemm_f32::matmul(x, n, stacked_rows(&f32s, k), |r0, buf| {
+            fill_stacked(&f32s, k, r0, buf, |v| v)
+        })),
         (true, false) if gemm_bf16::available() => Ok(if n >= gemm_bf16::MIN_ROWS {
             gemm_bf16::matmul(&bf16s, x, n)
         } else {
@@ -118,10 +100,46 @@ fn dense_rows(blocks: &[Tensor], x: &[f32], n: usize) -> Result<Vec<f32>> {
             // depend on the size of the batch it runs in, beyond the order of summation.
             dense::matmul_rows(&bf16s, &gemm_bf16::rounded(x), n)
         }),
-        (true, false) => Ok(dense::matmul_rows(&bf16s, x, n)),
+        // bf16 rows are widened per block for the GEMM: these kernels, which widen in registers, pay off to more
+        // rows than with f32 weights.
+        (true, false) if n <= dense::MAX_ROWS_BF16 => Ok(dense::matmul_rows(&bf16s, x, n)),
+        (true, false) => Ok(gemm_f32::matmul(
+            x,
+            n,
+            stacked_rows(&bf16s, k),
+            |r0, buf| fill_stacked(&bf16s, k, r0, buf, half::bf16::to_f32),
+        )),
         _ => Err(MorError::Config(
             "a stacked engine weight mixes f32 and bf16 blocks".into(),
         )),
+    }
+}
+
+/// Rows of the weight blocks `blocks` ([m_i, k] each) stacked.
+fn stacked_rows<T>(blocks: &[&[T]], k: usize) -> usize {
+    blocks.iter().map(|b| b.len() / k.max(1)).sum()
+}
+
+/// Write rows r0.. of the stacked `blocks` ([m_i, k] each), as many as `buf` holds, into `buf` as f32.
+fn fill_stacked<T: Copy>(
+    blocks: &[&[T]],
+    k: usize,
+    r0: usize,
+    buf: &mut [f32],
+    f: impl Fn(T) -> f32,
+) {
+    for (i, out) in buf.chunks_exact_mut(k).enumerate() {
+        let mut r = r0 + i;
+        for b in blocks {
+            let rows = b.len() / k;
+            if r < rows {
+                for (o, &v) in out.iter_mut().zip(&b[r * k..(r + 1) * k]) {
+                    *o = f(v);
+                }
+                break;
+            }
+            r -= rows;
+        }
     }
 }
 
@@ -312,6 +330,61 @@ pub fn set_thread_count(n: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stacked_dense_weights_give_the_f64_product_at_every_batch_size() {
+        // Two stacked blocks (a fused projection): every row count from the row kernels to the blocked GEMM, whose
+        // jobs straddle the blocks' boundary; f32 and bf16 (values exact in bf16, so both have one reference).
+        let k = 96;
+        let rows = [150usize, 37];
+        let val = |i: usize| half::bf16::from_f32(((i * 7919) % 255) as f32 / 64.0 - 2.0).to_f32();
+        let w: Vec<Vec<f32>> = rows
+            .iter()
+            .enumerate()
+            .map(|(b, &m)| (0..m * k).map(|i| val(i + b * 100_000)).collect())
+            .collect();
+        for n in [1, 3, dense::MAX_ROWS + 1, dense::MAX_ROWS_BF16 + 1, 130] {
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729) % 199) as f32 / 99.0 - 1.0)
+                .collect();
+            for dtype in [DType::F32, DType::BF16] {
+                let blocks: Vec<Tensor> = w
+                    .iter()
+                    .zip(rows)
+                    .map(|(b, m)| {
+                        Tensor::from_vec(b.clone(), (m, k), &candle_core::Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    })
+                    .collect();
+                let y = matmul_rows(x.clone(), n, &Weight::Dense(blocks)).unwrap();
+                let m: usize = rows.iter().sum();
+                // gemm_bf16's arithmetic rounds the activations to bf16: compare within that rounding there.
+                let tol = if dtype == DType::BF16 && gemm_bf16::available() {
+                    1e-2
+                } else {
+                    1e-4
+                };
+                for a in 0..n {
+                    let mut c = 0;
+                    for (b, &mb) in w.iter().zip(&rows) {
+                        for r in 0..mb {
+                            let want: f64 = (0..k)
+                                .map(|t| f64::from(x[a * k + t]) * f64::from(b[r * k + t]))
+                                .sum();
+                            let got = f64::from(y[a * m + c]);
+                            assert!(
+                                (got - want).abs() <= tol * k as f64,
+                                "{dtype:?} n={n} ({a}, {c})"
+                            );
+                            c += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_a_few_ulp() {

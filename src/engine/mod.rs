@@ -17,6 +17,7 @@ pub mod batch;
 pub mod cache;
 pub mod dense;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod generate;
 pub mod kernels;
 pub mod pipeline;
