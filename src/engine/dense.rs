@@ -106,7 +106,7 @@ impl Elem for bf16 {
 
 /// An output pointer shared by the pool's chunks.
 pub(crate) struct SyncPtr(pub(crate) *mut f32);
-// SAFETY: used only for disjoint writes from the pool's chunks (see `matmul_rows` and `kernels::attend_block`).
+// SAFETY: used only for disjoint writes from the pool's chunks (each user documents its own at the write).
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {

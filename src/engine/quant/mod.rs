@@ -7,7 +7,8 @@
 //! sub-block scales and minima are multiplied out (`d·sc`, `−dmin·m`, exactly as llama.cpp's dequantization
 //! computes them), so Q4_0, Q4_1 and Q4_K run one kernel. Q6_K's 6-bit values are stored as bytes (q − 32) with
 //! one f32 scale per 16 values and run the 8-bit kernel. The matmul splits the weight rows into chunks for the
-//! engine's [`pool`](crate::engine::pool).
+//! engine's [`pool`](crate::engine::pool); within a chunk, prompt rows run four activation rows per weight row and
+//! decode rows four weight rows per activation row, each tile's next bytes prefetched (docs/benchmarks.md).
 
 mod act;
 mod scalar;
@@ -18,6 +19,8 @@ pub use act::QuantizedRows;
 
 use act::ActRow;
 use std::sync::Arc;
+
+use crate::engine::dense::SyncPtr;
 
 use candle_core::quantized::GgmlDType;
 
@@ -529,17 +532,6 @@ impl WRow {
             qh: self.qh.wrapping_add(k * self.nb),
             nb: self.nb,
         }
-    }
-}
-
-struct SyncPtr(*mut f32);
-// SAFETY: used only for disjoint writes from the pool's chunks (see `matmul_isa`).
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// The pointer (a method, so closures capture the Sync wrapper rather than the raw field).
-    fn get(&self) -> *mut f32 {
-        self.0
     }
 }
 
