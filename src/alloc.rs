@@ -73,13 +73,46 @@ pub fn keep_freed_memory() {
 /// any of it is touched, so the activation buffers of an inference run, each touched in part, cost whole huge pages:
 /// peak RSS of `mor bench model --prompt-len 512` on SmolLM2-135M was 27–37 MiB higher with them (Q4_1 255 → 228
 /// MiB, Q8_0 307 → 270, F32 683 → 653), with no measurable change in speed (docs/benchmarks.md). For inference
-/// commands; training keeps huge pages.
+/// commands; training keeps huge pages, and the loader gives dense weights huge pages anyway
+/// ([`collapse_to_huge_pages`]).
 pub fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and changes a process attribute.
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
+}
+
+/// Back the whole 2 MiB pages inside `buf` with transparent huge pages now (Linux `MADV_COLLAPSE`; a no-op
+/// elsewhere), even under [`no_huge_pages`]: for buffers read whole on every token, such as dense weights, where huge
+/// pages save TLB misses and cost no partly used pages. Returns the bytes collapsed (0 when the kernel refuses).
+pub fn collapse_to_huge_pages<T>(buf: &[T]) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_ptr() as usize + std::mem::size_of_val(buf)) / HUGE * HUGE;
+        if end <= start {
+            return 0;
+        }
+        // SAFETY: prctl takes integer arguments and changes a process attribute; madvise only changes how the pages
+        // of [start, end), which lie inside `buf`, are backed, never their contents.
+        let ok = unsafe {
+            let disabled = libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1;
+            if disabled {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+            }
+            let r = libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_COLLAPSE);
+            if disabled {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+            }
+            r == 0
+        };
+        if ok {
+            return end - start;
+        }
+    }
+    0
 }
 
 /// While alive, memory the process frees goes back to the OS at once; when the last one alive is dropped, what is
@@ -155,6 +188,36 @@ pub fn reset_peak() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collapsing_to_huge_pages_keeps_the_contents() {
+        let v: Vec<u32> = (0..3 << 20)
+            .map(|i: u32| i.wrapping_mul(2654435761))
+            .collect();
+        let done = collapse_to_huge_pages(&v);
+        // Whole 2 MiB pages inside the buffer only; some of them where the kernel has MADV_COLLAPSE (Linux 6.1) and
+        // transparent huge pages are not switched off.
+        assert!(done <= std::mem::size_of_val(&v[..]) && done % (2 << 20) == 0);
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut version = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        let new_kernel = (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 1);
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"));
+        if cfg!(target_os = "linux") && new_kernel && thp {
+            assert!(done >= 8 << 20, "collapsed {done} bytes of 12 MiB");
+        }
+        assert!(v
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == (i as u32).wrapping_mul(2654435761)));
+        assert_eq!(
+            collapse_to_huge_pages(&v[..1000]),
+            0,
+            "a buffer under 2 MiB holds no whole huge page"
+        );
+    }
 
     fn purge_delay() -> std::os::raw::c_long {
         // SAFETY: reads a process-wide allocator option.

@@ -157,6 +157,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             model = model.to_dtype(dtype)?;
         }
     }
+    if !opts.trainable && quantized.is_none() {
+        // Every token reads the dense weights whole: huge pages spare the TLB misses of streaming them
+        // (docs/benchmarks.md), and a weight fills its pages, unlike the activations that 4 KiB pages are for.
+        let huge: usize = model.params().tensors().values().map(huge_pages_for).sum();
+        tracing::debug!("{} MiB of weights on huge pages", huge >> 20);
+    }
     tracing::debug!(
         "loaded {}: {} MiB allocated",
         source.path().display(),
@@ -168,4 +174,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         quantized,
         source,
     })
+}
+
+/// [`crate::alloc::collapse_to_huge_pages`] on the CPU storage of `t` (f32 or bf16); the bytes collapsed.
+fn huge_pages_for(t: &candle_core::Tensor) -> usize {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => crate::alloc::collapse_to_huge_pages(v),
+        Storage::Cpu(CpuStorage::BF16(v)) => crate::alloc::collapse_to_huge_pages(v),
+        _ => 0,
+    }
 }
