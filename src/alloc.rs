@@ -197,7 +197,7 @@ mod tests {
         let done = collapse_to_huge_pages(&v);
         // Whole 2 MiB pages inside the buffer only; some of them where the kernel has MADV_COLLAPSE (Linux 6.1) and
         // transparent huge pages are not switched off.
-        assert!(done <= std::mem::size_of_val(&v[..]) && done % (2 << 20) == 0);
+        assert!(done <= std::mem::size_of_val(&v[..]) && done.is_multiple_of(2 << 20));
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut version = release
             .split(|c: char| !c.is_ascii_digit())
