@@ -38,8 +38,8 @@ pub(crate) fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// run the integer kernels (measured crossover; see docs/benchmarks.md).
 const MIN_ROWS_DEQUANTIZED: usize = 64;
 
-/// `x · Wᵀ` for rows x [n, k] (owned, moved into the tensor) and a weight [m, k], as a flat Vec [n, m].
-pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>> {
+/// `x · Wᵀ` for rows x [n, k] and a weight [m, k], as a flat Vec [n, m].
+pub(crate) fn matmul_rows(x: &[f32], n: usize, w: &Weight) -> Result<Vec<f32>> {
     match w {
         Weight::Quantized(q) if n >= MIN_ROWS_DEQUANTIZED => {
             // Prefill-sized batches: widen the blocks for this call and run a GEMM. The pass over the weights
@@ -55,16 +55,16 @@ pub(crate) fn matmul_rows(x: Vec<f32>, n: usize, w: &Weight) -> Result<Vec<f32>>
                     q.dequantize_row(r, &mut row);
                     gemm_bf16::round_to_bf16(&row, out);
                 }
-                return Ok(gemm_bf16::matmul(&[&wb], &x, n));
+                return Ok(gemm_bf16::matmul(&[&wb], x, n));
             }
-            Ok(gemm_f32::matmul(&x, n, m, |r0, buf| {
+            Ok(gemm_f32::matmul(x, n, m, |r0, buf| {
                 for (i, row) in buf.chunks_exact_mut(cols).enumerate() {
                     q.dequantize_row(r0 + i, row);
                 }
             }))
         }
-        Weight::Quantized(q) => Ok(q.matmul(&x, n)),
-        Weight::Dense(blocks) => dense_matmul(blocks, &x, n),
+        Weight::Quantized(q) => Ok(q.matmul(x, n)),
+        Weight::Dense(blocks) => dense_matmul(blocks, x, n),
     }
 }
 
@@ -358,7 +358,7 @@ mod tests {
                             .unwrap()
                     })
                     .collect();
-                let y = matmul_rows(x.clone(), n, &Weight::Dense(blocks)).unwrap();
+                let y = matmul_rows(&x, n, &Weight::Dense(blocks)).unwrap();
                 let m: usize = rows.iter().sum();
                 // gemm_bf16's arithmetic rounds the activations to bf16: compare within that rounding there.
                 let tol = if dtype == DType::BF16 && gemm_bf16::available() {

@@ -295,7 +295,7 @@ impl<'m> CachedModel<'m> {
                 let h = to_f32_vec(&self.model.final_norm(x)?)?;
                 let w = Weight::Dense(vec![w.contiguous()?]);
                 Ok(Tensor::from_vec(
-                    matmul_rows(h, n, &w)?,
+                    matmul_rows(&h, n, &w)?,
                     (n, v),
                     x.device(),
                 )?)
@@ -539,7 +539,7 @@ impl<'m> CachedModel<'m> {
         // Under KV sharing only recursion-1 rows write K/V; when none does, project queries only.
         let any_writes = refs.iter().zip(&srcs).any(|(r, &s)| s == r.layer);
         let normed = rms_rows(xv, &w.norm_in, self.eps);
-        let mut proj = matmul_rows(normed, n, if any_writes { &w.qkv } else { &w.q })?;
+        let mut proj = matmul_rows(&normed, n, if any_writes { &w.qkv } else { &w.q })?;
         let pw = proj.len() / n.max(1);
         // RoPE on queries and keys in place (HF rotate_half: [x1, x2] → [x1·c − x2·s, x2·c + x1·s]).
         let heads = if any_writes { nh + nkv } else { nh };
@@ -569,13 +569,13 @@ impl<'m> CachedModel<'m> {
             .map(|(r, &src)| (&caches[r.seq].layers[src], r.pos))
             .collect();
         let att = attend(&proj, pw, &items, nh, nkv, hd);
-        let mut h = matmul_rows(att, n, &w.o)?;
+        let mut h = matmul_rows(&att, n, &w.o)?;
         for (a, b) in h.iter_mut().zip(xv) {
             *a += b;
         }
-        let gu = matmul_rows(rms_rows(&h, &w.norm_post, self.eps), n, &w.gate_up)?;
+        let gu = matmul_rows(&rms_rows(&h, &w.norm_post, self.eps), n, &w.gate_up)?;
         let act = swiglu_rows(&gu, gu.len() / n.max(1) / 2);
-        let down = matmul_rows(act, n, &w.down)?;
+        let down = matmul_rows(&act, n, &w.down)?;
         for (a, b) in h.iter_mut().zip(&down) {
             *a += b;
         }
